@@ -1,0 +1,213 @@
+"""The ResNet family of the paper, built by the paper's names.
+
+`build("res18-d5a", num_classes=365, stem="imagenet", width=64)` gives ResNet18 whose final layer
+is Dynamic-K with K=5. Names:
+
+- `res18`, `res50`                 dense head (the baselines)
+- `res18-l1`, `res50-l1`           dense head; the trainer adds an L1 penalty on the head's weights
+- `res18-d{K}a`, `res50-d{K}a`     Dynamic-K head with K=K ("Res18-d5a")
+- `res18-d[K3,K4,K]a`              also the first conv of layer3's and layer4's first block replaced by
+                                   a 1x1 DynamicKConv2d with K3 and K4 (the supplement's "Res18-d[32,32,5]a")
+
+The blocks follow torchvision's resnet (same module names, so its ResNet weights map one to one)
+with two additions for CPU-sized work: a width multiplier (64 = the paper's networks) and the CIFAR
+stem (3x3 conv, stride 1, no max-pool). Dissection and explanation need the last feature map and
+the final layer on their own: `model.features(x)`, `model.pool(fmap)` and `model.head`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from dka.layers import DynamicKConv2d, DynamicKLinear
+
+__all__ = ["ModelSpec", "DKAResNet", "build", "parse_name", "MODEL_NAME_FORMS", "STEMS"]
+
+MODEL_NAME_FORMS = (
+    "res18", "res50", "res18-l1", "res50-l1", "res18-d{K}a", "res50-d{K}a", "res18-d[K3,K4,K]a",
+)
+STEMS = ("cifar", "imagenet", "imagenet-small")
+_NAME = re.compile(r"^res(?P<depth>18|50)(?:-(?:(?P<l1>l1)|d(?P<k>\d+)a|d\[(?P<k3>\d+),(?P<k4>\d+),(?P<kh>\d+)\]a))?$")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What a registry name asks for."""
+
+    name: str
+    arch: str  # "res18" | "res50"
+    head_k: int | None  # K of a Dynamic-K head; None for a dense head
+    internal_k: tuple[int, int] | None  # K of the layer3/layer4 1x1 Dynamic-K convs
+    l1: bool  # dense head trained with an L1 penalty
+
+    @property
+    def is_dynamic(self) -> bool:
+        return self.head_k is not None
+
+
+def parse_name(name: str) -> ModelSpec:
+    """Parse a paper-style model name; unknown names raise a ValueError listing the valid forms."""
+    match = _NAME.match(name.strip().lower().replace(" ", "")) if isinstance(name, str) else None
+    if match is None:
+        raise ValueError(f"unknown model name {name!r}; valid forms: {', '.join(MODEL_NAME_FORMS)}")
+    arch = f"res{match['depth']}"
+    internal = None
+    if match["kh"] is not None:
+        if arch != "res18":
+            raise ValueError(f"internal Dynamic-K layers are defined for res18 only; got {name!r}")
+        internal, head_k = (int(match["k3"]), int(match["k4"])), int(match["kh"])
+    else:
+        head_k = int(match["k"]) if match["k"] is not None else None
+    for value in (head_k, *(internal or ())):
+        if value is not None and value < 1:
+            raise ValueError(f"K must be at least 1 in {name!r}")
+    return ModelSpec(name=name, arch=arch, head_k=head_k, internal_k=internal, l1=match["l1"] is not None)
+
+
+class BasicBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1, first_conv: nn.Module | None = None):
+        super().__init__()
+        self.conv1 = first_conv or nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = _downsample(in_planes, planes * self.expansion, stride)
+
+    def forward(self, x: Tensor) -> Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + identity)
+
+
+class Bottleneck(nn.Module):
+    expansion = 4
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1, first_conv: nn.Module | None = None):
+        super().__init__()
+        if first_conv is not None:
+            raise ValueError("internal Dynamic-K layers are defined for BasicBlock (res18) only")
+        self.conv1 = nn.Conv2d(in_planes, planes, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False)  # stride here, as torchvision
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, planes * self.expansion, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(planes * self.expansion)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = _downsample(in_planes, planes * self.expansion, stride)
+
+    def forward(self, x: Tensor) -> Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.relu(out + identity)
+
+
+def _downsample(in_planes: int, out_planes: int, stride: int) -> nn.Module | None:
+    if stride == 1 and in_planes == out_planes:
+        return None
+    return nn.Sequential(nn.Conv2d(in_planes, out_planes, 1, stride, bias=False), nn.BatchNorm2d(out_planes))
+
+
+_ARCH = {"res18": (BasicBlock, (2, 2, 2, 2)), "res50": (Bottleneck, (3, 4, 6, 3))}
+
+
+class DKAResNet(nn.Module):
+    """ResNet with a dense or Dynamic-K head and optional internal Dynamic-K 1x1 convolutions."""
+
+    final_layer_name = "head"
+
+    def __init__(self, spec: ModelSpec, num_classes: int, stem: str = "cifar", width: int = 64):
+        super().__init__()
+        if stem not in STEMS:
+            raise ValueError(f"unknown stem {stem!r}; valid stems: {', '.join(STEMS)}")
+        if num_classes < 1 or width < 1:
+            raise ValueError(f"num_classes and width must be positive; got {num_classes} and {width}")
+        self.spec = spec
+        self.build_kwargs = {"name": spec.name, "num_classes": num_classes, "stem": stem, "width": width}
+        block, depths = _ARCH[spec.arch]
+        if stem == "cifar":  # 3x3 stride 1, no max-pool: 32 px images keep a 4x4 final map
+            self.conv1 = nn.Conv2d(3, width, 3, 1, 1, bias=False)
+            self.maxpool = nn.Identity()
+        elif stem == "imagenet":  # 7x7 stride 2 + max-pool: 224 px -> 7x7 final map
+            self.conv1 = nn.Conv2d(3, width, 7, 2, 3, bias=False)
+            self.maxpool = nn.MaxPool2d(3, 2, 1)
+        else:  # "imagenet-small": 3x3 stride 2, no max-pool; 64 px -> 4x4 at a quarter of the cost
+            self.conv1 = nn.Conv2d(3, width, 3, 2, 1, bias=False)
+            self.maxpool = nn.Identity()
+        self.bn1 = nn.BatchNorm2d(width)
+        self.relu = nn.ReLU(inplace=True)
+        planes = [width, width * 2, width * 4, width * 8]
+        in_planes = width
+        internal = dict(zip((3, 4), spec.internal_k)) if spec.internal_k else {}
+        for stage, (p, depth) in enumerate(zip(planes, depths), start=1):
+            stride = 1 if stage == 1 else 2
+            blocks = []
+            for b in range(depth):
+                first_conv = None
+                if b == 0 and stage in internal:
+                    k = internal[stage]
+                    if k > in_planes:
+                        raise ValueError(
+                            f"internal K={k} of layer{stage} is out of range: its 1x1 layer has "
+                            f"{in_planes} input channels at width {width}; use 1 <= K <= {in_planes}"
+                        )
+                    first_conv = DynamicKConv2d(in_planes, p, k, stride=stride)
+                blocks.append(block(in_planes, p, stride if b == 0 else 1, first_conv))
+                in_planes = p * block.expansion
+            setattr(self, f"layer{stage}", nn.Sequential(*blocks))
+        self.num_features = in_planes
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        if spec.head_k is not None:
+            if spec.head_k > in_planes:
+                raise ValueError(
+                    f"head K={spec.head_k} is out of range: the final layer has {in_planes} inputs at "
+                    f"width {width}; use 1 <= K <= {in_planes}"
+                )
+            self.head = DynamicKLinear(in_planes, num_classes, spec.head_k)
+        else:
+            self.head = nn.Linear(in_planes, num_classes)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, DynamicKConv2d)) and m is not self.head:
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def features(self, x: Tensor) -> Tensor:
+        """The last convolutional feature map (layer4's output), (B, num_features, h, w)."""
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+
+    def pool(self, fmap: Tensor) -> Tensor:
+        """Global average pooling: the per-unit activations x_i that the head weighs."""
+        return torch.flatten(self.avgpool(fmap), 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.pool(self.features(x)))
+
+    def dynamic_layers(self) -> dict[str, nn.Module]:
+        """Qualified name -> Dynamic-K module (internal 1x1 layers, then the head if dynamic)."""
+        return {n: m for n, m in self.named_modules() if isinstance(m, (DynamicKLinear, DynamicKConv2d))}
+
+    def explain(self, x: Tensor, target=None):
+        """Per-image unit contributions to the target class: see `dka.explain.attribute`."""
+        from dka.explain import attribute
+
+        return attribute(self, x, target)
+
+
+def build(name: str, num_classes: int, stem: str = "cifar", width: int = 64) -> DKAResNet:
+    """Build a registry model by its paper name (see the module docstring)."""
+    return DKAResNet(parse_name(name), num_classes=num_classes, stem=stem, width=width)
