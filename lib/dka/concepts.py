@@ -1,0 +1,269 @@
+"""Concept composability: which concepts a class is built from, read off the final layer + a tally.
+
+The paper's claim (Sec. 4, Fig. 6) is that a Dynamic-K final layer makes each class a composition of
+a few concept-detecting units ("laptop = keyboard + screen"). Here the final-layer weights give the
+class -> unit edges and a Network Dissection tally gives each unit's concept and IoU, so the claim
+becomes numbers:
+
+Definitions (used by the notebooks verbatim):
+
+- *Positive weight mass* of class c: ``sum_i max(W[c,i], 0)``. Units with negative weights vote
+  against a class; they are not part of its composition.
+- *Covering units* of class c at share s (default 0.8): the fewest units, taken by decreasing
+  positive weight, whose weights sum to at least s x the positive weight mass (ties: lower unit first).
+- *Concepts of class c*: the distinct tally labels of its covering units whose IoU >= 0.04 (the
+  interpretable units), plus one concept per covering unit with IoU < 0.04 (an uninterpretable unit
+  is a concept of its own that no label names — counting it keeps the statistic honest for heads
+  that spread weight over unlabelled units).
+- *Share of classes representable with at most k concepts* (the paper's "more than 95% of classes
+  need at most 5 concepts", k = 5): the fraction of classes whose number of concepts is <= k.
+- *Recovery* (concept scenes only, where the true composition is known): the recovered set of class c
+  is its interpretable covering units' labels; precision = |recovered ∩ true| / |recovered| (0 when
+  nothing is recovered), recall = |recovered ∩ true| / |true|.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from dka.dissect import INTERPRETABLE_IOU
+
+DEFAULT_SHARE = 0.8
+
+
+def head_weight(model_or_weight) -> np.ndarray:
+    """(classes, units) final-layer weight as float64 numpy, from a model (its `head`) or an array."""
+    if isinstance(model_or_weight, nn.Module):
+        head = getattr(model_or_weight, "head", None)
+        if head is None or not hasattr(head, "weight"):
+            raise TypeError("model has no `head` with a weight; pass a dka.models.DKAResNet or the (classes, units) weight")
+        model_or_weight = head.weight
+    if isinstance(model_or_weight, torch.Tensor):
+        model_or_weight = model_or_weight.detach().cpu().double().numpy()
+    w = np.asarray(model_or_weight, dtype=np.float64)
+    if w.ndim != 2:
+        raise ValueError(f"final-layer weight must be (classes, units), got shape {w.shape}")
+    return w
+
+
+def _unit_table(tally: pd.DataFrame, units: int) -> pd.DataFrame:
+    t = tally.set_index("unit")[["label", "category", "score"]]
+    if t.index.min() < 1 or t.index.max() > units:
+        raise ValueError(f"tally units run {t.index.min()}..{t.index.max()}; the final layer has {units} inputs "
+                         "(tally units are 1-based): was the tally made for this model's last layer?")
+    return t.reindex(range(1, units + 1))
+
+
+def covering_units(weight_row: np.ndarray, share: float = DEFAULT_SHARE) -> np.ndarray:
+    """0-based units, by decreasing positive weight, holding at least `share` of the positive mass."""
+    if not 0 < share <= 1:
+        raise ValueError(f"share must lie in (0, 1], got {share}")
+    w = np.asarray(weight_row, dtype=np.float64)
+    pos = np.clip(w, 0, None)
+    total = pos.sum()
+    if total <= 0:
+        return np.zeros(0, dtype=np.int64)
+    order = np.argsort(-pos, kind="stable")
+    cum = np.cumsum(pos[order])
+    n = int(np.searchsorted(cum, share * total * (1 - 1e-12))) + 1
+    return order[: min(n, int((pos > 0).sum()))]
+
+
+def class_units(
+    model_or_weight, tally: pd.DataFrame, class_names: Sequence[str] | None = None, top: int | None = 10
+) -> pd.DataFrame:
+    """Per class, its units ranked by final-layer weight, with concept labels and IoUs (long table)."""
+    w = head_weight(model_or_weight)
+    units = _unit_table(tally, w.shape[1])
+    pos_mass = np.clip(w, 0, None).sum(axis=1)
+    rows = []
+    for c in range(w.shape[0]):
+        order = np.argsort(-w[c], kind="stable")[: top or w.shape[1]]
+        for r, u in enumerate(order):
+            info = units.loc[u + 1]
+            rows.append({
+                "class": c, "class_name": class_names[c] if class_names is not None else str(c), "rank": r + 1,
+                "unit": int(u) + 1, "weight": float(w[c, u]),
+                "weight_share": float(max(w[c, u], 0) / pos_mass[c]) if pos_mass[c] > 0 else 0.0,
+                "concept": info["label"], "category": info["category"], "iou": float(info["score"]),
+            })
+    return pd.DataFrame(rows)
+
+
+def class_concepts(
+    model_or_weight,
+    tally: pd.DataFrame,
+    class_names: Sequence[str] | None = None,
+    share: float = DEFAULT_SHARE,
+    iou_threshold: float = INTERPRETABLE_IOU,
+) -> pd.DataFrame:
+    """Per class: covering units, its concepts and their number (definitions in the module docstring)."""
+    w = head_weight(model_or_weight)
+    units = _unit_table(tally, w.shape[1])
+    rows = []
+    for c in range(w.shape[0]):
+        cover = covering_units(w[c], share)
+        info = units.loc[cover + 1]
+        good = info[info["score"] >= iou_threshold]
+        concepts = tuple(sorted(set(good["label"])))
+        n_unlabelled = int(len(info) - len(good))
+        rows.append({
+            "class": c, "class_name": class_names[c] if class_names is not None else str(c),
+            "units": tuple(int(u) + 1 for u in cover), "n_units": int(len(cover)),
+            "concepts": concepts, "n_uninterpretable": n_unlabelled, "n_concepts": len(concepts) + n_unlabelled,
+        })
+    return pd.DataFrame(rows)
+
+
+def share_within(per_class: pd.DataFrame, max_concepts: int = 5) -> float:
+    """Fraction of classes whose number of concepts (see `class_concepts`) is at most `max_concepts`."""
+    if max_concepts < 0:
+        raise ValueError(f"max_concepts must be >= 0, got {max_concepts}")
+    if len(per_class) == 0:
+        raise ValueError("no classes")
+    return float((per_class["n_concepts"] <= max_concepts).mean())
+
+
+def read_class_concepts(path: str | Path) -> pd.DataFrame:
+    """The concept-scenes ground truth `class_concepts.csv` (columns class, concept, category)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "class_concepts.csv"
+    if not path.is_file():
+        raise FileNotFoundError(f"no class_concepts.csv at {path}; it comes with a concept-scenes export "
+                                "(dka.data.scenes.generate(preset, DIR))")
+    df = pd.read_csv(path, keep_default_na=False)
+    missing = {"class", "concept"} - set(df.columns)
+    if missing:
+        raise ValueError(f"{path} lacks columns {sorted(missing)}")
+    return df
+
+
+def concept_recovery(per_class: pd.DataFrame, truth: pd.DataFrame) -> pd.DataFrame:
+    """Per class precision/recall of the recovered concept set against the true composition.
+
+    `per_class` from `class_concepts` (its class_name must match truth's `class` column);
+    returns class_name, recovered, true, precision, recall.
+    """
+    true_sets = truth.groupby("class")["concept"].apply(lambda s: set(map(str, s))).to_dict()
+    unknown = set(map(str, per_class["class_name"])) - set(map(str, true_sets))
+    if unknown:
+        raise ValueError(f"classes {sorted(unknown)[:5]} are not in class_concepts.csv; pass the dataset's class "
+                         "names to class_concepts(...)")
+    rows = []
+    for _, r in per_class.iterrows():
+        rec, true = set(r["concepts"]), true_sets[str(r["class_name"])]
+        hit = len(rec & true)
+        rows.append({
+            "class_name": r["class_name"], "recovered": tuple(sorted(rec)), "true": tuple(sorted(true)),
+            "precision": hit / len(rec) if rec else 0.0, "recall": hit / len(true) if true else 0.0,
+        })
+    return pd.DataFrame(rows)
+
+
+def recovery_summary(recovery: pd.DataFrame) -> dict:
+    """Mean precision and recall over classes."""
+    return {"precision": float(recovery["precision"].mean()), "recall": float(recovery["recall"].mean()),
+            "classes": int(len(recovery))}
+
+
+def concept_graph(
+    model_or_weight,
+    tally: pd.DataFrame,
+    classes: Sequence[int],
+    path: str | Path,
+    class_names: Sequence[str] | None = None,
+    top_units: int = 5,
+    title: str | None = None,
+) -> Path:
+    """The paper's Fig. 6: class -> unit -> concept graph as a PNG.
+
+    Left: the chosen classes; middle: each class's `top_units` units by weight (edge width ∝ weight,
+    red for negative); right: the units' concepts, each unit edge labelled with its IoU.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    w = head_weight(model_or_weight)
+    units = _unit_table(tally, w.shape[1])
+    classes = list(classes)
+    if not classes:
+        raise ValueError("choose at least one class")
+    bad = [c for c in classes if not 0 <= c < w.shape[0]]
+    if bad:
+        raise ValueError(f"classes {bad} out of range 0..{w.shape[0] - 1}")
+    edges = []  # (class, unit, weight)
+    chosen_units: list[int] = []
+    for c in classes:
+        for u in np.argsort(-w[c], kind="stable")[:top_units]:
+            edges.append((c, int(u), float(w[c, u])))
+            if u not in chosen_units:
+                chosen_units.append(int(u))
+    concepts: list[str] = []
+    for u in chosen_units:
+        lab = str(units.loc[u + 1, "label"])
+        if lab not in concepts:
+            concepts.append(lab)
+
+    def ys(n):
+        return np.linspace(1, 0, n) if n > 1 else np.array([0.5])
+
+    y_cls = dict(zip(classes, ys(len(classes))))
+    y_unit = dict(zip(chosen_units, ys(len(chosen_units))))
+    y_con = dict(zip(concepts, ys(len(concepts))))
+    height = max(4.0, 0.35 * max(len(chosen_units), len(concepts), len(classes)))
+    fig, ax = plt.subplots(figsize=(10, height))
+    wmax = max(abs(e[2]) for e in edges) or 1.0
+    for c, u, wt in edges:
+        ax.plot([0, 1], [y_cls[c], y_unit[u]], color="tab:blue" if wt >= 0 else "tab:red",
+                lw=0.3 + 5 * abs(wt) / wmax, alpha=0.7, zorder=1)
+    for u in chosen_units:
+        info = units.loc[u + 1]
+        iou = float(info["score"])
+        ax.plot([1, 2], [y_unit[u], y_con[str(info["label"])]], color="grey", lw=0.3 + 8 * min(iou, 0.5),
+                alpha=0.6, zorder=1)
+        ax.text(1.5, (y_unit[u] + y_con[str(info["label"])]) / 2, f"IoU {iou:.2f}", fontsize=7, ha="center",
+                va="bottom", color="dimgrey")
+    name = (lambda c: class_names[c]) if class_names is not None else (lambda c: f"class {c}")  # noqa: E731
+    ax.scatter([0] * len(classes), [y_cls[c] for c in classes], s=120, color="tab:orange", zorder=2)
+    ax.scatter([1] * len(chosen_units), [y_unit[u] for u in chosen_units], s=60, color="tab:blue", zorder=2)
+    ax.scatter([2] * len(concepts), [y_con[k] for k in concepts], s=80, color="tab:green", zorder=2)
+    for c in classes:
+        ax.text(-0.05, y_cls[c], name(c), ha="right", va="center", fontsize=10)
+    for u in chosen_units:
+        ax.text(1, y_unit[u] + 0.02, f"unit {u + 1}", ha="center", va="bottom", fontsize=8)
+    for k in concepts:
+        ax.text(2.05, y_con[k], k, ha="left", va="center", fontsize=10)
+    ax.set_xlim(-0.8, 2.8)
+    ax.set_ylim(-0.08, 1.08)
+    ax.set_xticks([0, 1, 2], ["class", "unit (line width = weight)", "concept"])
+    ax.set_yticks([])
+    for side in ("left", "right", "top"):
+        ax.spines[side].set_visible(False)
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=130, format="png")
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    finally:
+        plt.close(fig)
+    return path

@@ -1,0 +1,95 @@
+"""Concept composability: covering units, concept counts, the 'at most k concepts' share, recovery."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from dka import concepts as C
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """2 shared cores run 2 xdist workers: more intra-op threads only spin (80x slower convs measured)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _tally(labels, scores):
+    n = len(labels)
+    return pd.DataFrame({"unit": np.arange(1, n + 1), "category": "object", "label": labels, "score": scores})
+
+
+# units 1..6: two detect "disc", one "red-c", one "striped", one uninterpretable, one "sky-s"
+TALLY = _tally(["disc", "disc", "red-c", "striped", "blob", "sky-s"], [0.3, 0.2, 0.1, 0.05, 0.01, 0.2])
+W = np.array([
+    [5.0, 3.0, 2.0, 0.0, 0.0, -4.0],  # class 0: disc, disc, red
+    [0.0, 0.0, 0.0, 1.0, 1.0, 1.0],  # class 1: three equal weights
+    [-1.0, -1.0, -1.0, -1.0, -1.0, -1.0],  # class 2: no positive weight
+])
+
+
+def test_covering_units():
+    assert C.covering_units(W[0], 0.8).tolist() == [0, 1]  # 8 of 10 positive mass
+    assert C.covering_units(W[0], 0.81).tolist() == [0, 1, 2]
+    assert C.covering_units(W[0], 1.0).tolist() == [0, 1, 2]  # zero-weight units never join
+    assert C.covering_units(W[1], 0.5).tolist() == [3, 4]  # ties: lower unit first
+    assert C.covering_units(W[2], 0.8).tolist() == []
+    with pytest.raises(ValueError, match="share"):
+        C.covering_units(W[0], 0)
+
+
+def test_class_concepts_counts_and_share_within():
+    per = C.class_concepts(W, TALLY, ["a", "b", "c"], share=1.0)
+    r0, r1, r2 = per.to_dict("records")
+    assert r0["concepts"] == ("disc", "red-c") and r0["n_concepts"] == 2 and r0["units"] == (1, 2, 3)
+    # unit 5 is uninterpretable (IoU 0.01 < 0.04): a concept of its own
+    assert r1["concepts"] == ("sky-s", "striped") and r1["n_uninterpretable"] == 1 and r1["n_concepts"] == 3
+    assert r2["n_concepts"] == 0
+    assert C.share_within(per, 2) == pytest.approx(2 / 3)
+    assert C.share_within(per, 3) == 1.0
+
+
+def test_class_units_ranking():
+    table = C.class_units(W, TALLY, top=3)
+    first = table[table["class"] == 0]
+    assert first["unit"].tolist() == [1, 2, 3]
+    assert first["concept"].tolist() == ["disc", "disc", "red-c"]
+    assert first["weight_share"].tolist() == pytest.approx([0.5, 0.3, 0.2])
+    with pytest.raises(ValueError, match="1-based"):
+        C.class_units(W[:, :3], TALLY)
+
+
+def test_concept_recovery():
+    per = C.class_concepts(W, TALLY, ["a", "b", "c"], share=1.0)
+    truth = pd.DataFrame({"class": ["a", "a", "b", "b", "c"],
+                          "concept": ["disc", "dotted", "striped", "sky-s", "red-c"],
+                          "category": "x"})
+    rec = C.concept_recovery(per, truth).set_index("class_name")
+    assert rec.loc["a", "precision"] == 0.5 and rec.loc["a", "recall"] == 0.5
+    assert rec.loc["b", "precision"] == 1.0 and rec.loc["b", "recall"] == 1.0
+    assert rec.loc["c", "precision"] == 0.0 and rec.loc["c", "recall"] == 0.0
+    s = C.recovery_summary(rec.reset_index())
+    assert s["precision"] == pytest.approx(0.5) and s["recall"] == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="not in class_concepts.csv"):
+        C.concept_recovery(C.class_concepts(W, TALLY), truth)
+
+
+def test_concept_graph_png(tmp_path):
+    path = C.concept_graph(W, TALLY, [0, 1], tmp_path / "fig6.png", class_names=["laptop", "beach"], top_units=3)
+    with Image.open(path) as im:
+        assert im.format == "PNG" and im.width > 500
+    with pytest.raises(ValueError, match="out of range"):
+        C.concept_graph(W, TALLY, [7], tmp_path / "x.png")
+
+
+def test_head_weight_from_model():
+    from dka.models import build
+
+    m = build("res18-d2a", num_classes=3, width=2)
+    assert C.head_weight(m).shape == (3, m.num_features)

@@ -1,0 +1,108 @@
+"""Per-image explanations: exact decomposition of the class score, routing, residual, report."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+import torch
+
+from dka import explain as E
+from dka.models import build
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """2 shared cores run 2 xdist workers: more intra-op threads only spin (80x slower convs measured)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def models():
+    torch.manual_seed(0)
+    dense = build("res18", num_classes=6, stem="cifar", width=4).eval()
+    dka = build("res18-d3a", num_classes=6, stem="cifar", width=4).eval()
+    # BN statistics away from the identity so the pooled activations are varied
+    with torch.no_grad():
+        for m in (dense, dka):
+            for p in m.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+    return dense, dka
+
+
+@pytest.fixture(scope="module")
+def images():
+    return torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+
+
+def test_contributions_sum_to_score_minus_bias_dense(models, images):
+    dense, _ = models
+    a = E.attribute(dense, images)
+    assert a.contributions.shape == (4, dense.num_features)
+    assert torch.equal(a.target, a.logits.argmax(dim=1))
+    total = (a.contributions * a.score[:, None]).sum(dim=1)
+    torch.testing.assert_close(total, a.score - a.bias, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(a.contributions.sum(dim=1), 1 - a.bias / a.score, rtol=1e-4, atol=1e-4)
+    assert a.routed is None and torch.equal(a.effective, a.contributions)
+    # residual after all units is exactly the bias share
+    torch.testing.assert_close(a.residual(dense.num_features), a.bias / a.score, rtol=1e-4, atol=1e-4)
+
+
+def test_routed_contributions_sum_to_score_minus_bias_dynamic(models, images):
+    _, dka = models
+    a = E.attribute(dka, images, target=2)
+    assert (a.target == 2).all() and a.k == 3
+    assert a.routed.shape == (4, 3) and a.routed_contributions.shape == (4, 3)
+    torch.testing.assert_close((a.routed_contributions * a.score[:, None]).sum(dim=1), a.score - a.bias,
+                               rtol=1e-4, atol=1e-5)
+    # the routed units are the K largest products of the target row
+    top = a.products.topk(3, dim=1).indices
+    assert torch.equal(a.routed.sort(dim=1).values, top.sort(dim=1).values)
+    # outside the routed set nothing counts; with n = K the residual is the bias share
+    assert (a.effective.count_nonzero(dim=1) <= 3).all()
+    torch.testing.assert_close(a.residual(3), a.bias / a.score, rtol=1e-4, atol=1e-4)
+    units, vals = a.top_units(2)
+    assert set(units[0].tolist()) <= set(a.routed[0].tolist())
+
+
+def test_model_explain_and_targets(models, images):
+    dense, _ = models
+    a = dense.explain(images, target=[0, 1, 2, 3])
+    assert a.target.tolist() == [0, 1, 2, 3]
+    with pytest.raises(ValueError, match="classes are 0..5"):
+        E.attribute(dense, images, target=9)
+    with pytest.raises(ValueError, match="one per image"):
+        E.attribute(dense, images, target=[0, 1])
+    with pytest.raises(ValueError, match="1 <= n <="):
+        a.top_units(0)
+    with pytest.raises(TypeError, match="features"):
+        E.attribute(torch.nn.Linear(3, 2), images)
+
+
+def test_heatmaps_shape_and_range(models, images):
+    dense, _ = models
+    a = E.attribute(dense, images)
+    units, _ = a.top_units(2)
+    h = a.heatmaps(units, (16, 16))
+    assert h.shape == (4, 2, 16, 16)
+    assert float(h.min()) >= 0 and float(h.max()) <= 1
+
+
+def test_table_and_html_report(models, images, tmp_path):
+    dense, dka = models
+    units = dense.num_features
+    tally = pd.DataFrame({"unit": range(1, units + 1), "category": "object",
+                          "label": [f"concept{u}" for u in range(1, units + 1)], "score": 0.1})
+    a, b = E.attribute(dka, images), E.attribute(dense, images)
+    table = E.explanation_table(a, tally, n=2, class_names=[f"c{i}" for i in range(6)])
+    assert len(table) == 8 and set(table["concept"]) <= set(tally["label"])
+    assert (table["concept"] == table["unit"].map(lambda u: f"concept{u}")).all()
+    text = E.render_report(images, {"res18-d3a": (a, tally), "res18": (b, None)}, [f"c{i}" for i in range(6)],
+                           n=2, labels=[0, 1, 2, 3])
+    path = E.write_report(text, tmp_path / "report.html")
+    body = path.read_text()
+    assert body.count("<tr>") == 5  # header + 4 images
+    assert body.count("data:image/png;base64,") == 4 * (1 + 2 + 2)
+    assert "res18-d3a" in body and "concept" in body and "residual" in body
