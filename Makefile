@@ -26,8 +26,10 @@ $(STAMP): requirements.lock pyproject.toml
 
 test: test-lib test-notebooks
 
+# Two test processes with one thread each: torch's default of one thread per core, times two
+# processes, oversubscribes the two cores and makes small tensor ops up to ~80x slower.
 test-lib: setup
-	$(PY) -m pytest -q -n 2 tests
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 tests
 
 # Every notebook executed at the smoke profile (its parameters cell defaults); cells tagged
 # `nbval-check` have their stored outputs compared, the rest only have to run without error.
@@ -41,6 +43,11 @@ repro: setup
 
 bench: setup
 	$(PY) bench/layers.py
+	$(PY) bench/train_step.py
+	$(PY) bench/dissect.py --preset smoke --quick
+	@if $(PY) -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then \
+		$(PY) bench/kernels.py --quick; else echo "bench/kernels.py: skipped (needs a CUDA GPU)"; fi
+
 
 clean-venv:
 	rm -rf $(VENV)

@@ -1,0 +1,321 @@
+"""dka.train: presets, schedules, metrics, snapshots, exact resume after SIGKILL, NaN stop, DDP."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch.utils.data import Dataset, TensorDataset
+
+from dka import models, train
+from dka.checkpoint import load_checkpoint, load_model
+from dka.layers import routed_indices
+
+ROOT = Path(__file__).resolve().parents[1]
+METRIC_KEYS = {"epoch", "lr", "train_loss", "train_top1", "test_loss", "test_top1", "test_top5",
+               "sparsity", "never_routed", "seconds"}
+
+
+def tiny_bundle(n_train=96, n_test=32, classes=4, size=8, seed=0):
+    """In-memory stand-in for dka.data.DataBundle: learnable (class-dependent mean) 8x8 images."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, classes, (n_train + n_test,), generator=g)
+    x = torch.randn(n_train + n_test, 3, size, size, generator=g) * 0.5 + y.view(-1, 1, 1, 1) * 0.3
+    return SimpleNamespace(train=TensorDataset(x[:n_train], y[:n_train]), test=TensorDataset(x[n_train:], y[n_train:]),
+                           num_classes=classes, stem="cifar")
+
+
+class RandomFlip(Dataset):
+    """Augmentation drawing from the global torch RNG (as torchvision transforms do with workers=0),
+    so exact resume also depends on the restored RNG state."""
+
+    def __init__(self, base):
+        self.base = base
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, i):
+        x, y = self.base[i]
+        return (x.flip(-1) if torch.rand(()) < 0.5 else x), y
+
+
+def tiny_config(out, **overrides):
+    base = dict(model="res18-d3a", data="tiny", out=str(out), preset="smoke", width=4, batch_size=16,
+                workers=0, amp=False, channels_last=False, progress=False, threads=1, deterministic=True)
+    base.update(overrides)
+    return train.TrainConfig(**base)
+
+
+# ------------------------------------------------------------------------------------------ presets
+
+
+def test_paper_preset_follows_the_dataset():
+    cifar = train.TrainConfig(model="res18", data="cifar10", out="x", preset="paper").resolved()
+    places = train.TrainConfig(model="res18", data="places365", out="x", preset="paper").resolved()
+    assert (cifar.preset, cifar.epochs, cifar.weight_decay, cifar.milestones) == ("paper-cifar", 200, 5e-4, (70, 140))
+    assert (places.preset, places.epochs, places.weight_decay, places.milestones) == ("paper-places", 90, 1e-4, (30, 60))
+    for cfg in (cifar, places):
+        assert (cfg.lr, cfg.momentum, cfg.batch_size, cfg.schedule) == (0.1, 0.9, 256, "step")
+        assert cfg.save_head_epochs == tuple(range(cfg.epochs + 1))
+
+
+def test_every_preset_field_can_be_overridden_from_the_cli():
+    cfg = train.config_from_args([
+        "--model", "res18-l1", "--data", "cifar10", "--out", "o", "--preset", "paper", "--epochs", "9",
+        "--lr", "0.2", "--batch-size", "64", "--wd", "1e-5", "--milestones", "3,6", "--l1", "0.01",
+        "--no-amp", "--no-channels-last", "--save-head-epochs", "0,last", "--save-checkpoint-epochs", "none",
+        "--max-steps-per-epoch", "5", "--seed", "3", "--deterministic", "--device", "cpu", "--workers", "0",
+    ]).resolved()
+    assert (cfg.epochs, cfg.lr, cfg.batch_size, cfg.weight_decay, cfg.milestones, cfg.l1) == (9, 0.2, 64, 1e-5, (3, 6), 0.01)
+    assert (cfg.amp, cfg.channels_last, cfg.deterministic, cfg.seed, cfg.device) == (False, False, True, 3, "cpu")
+    assert cfg.save_head_epochs == (0, 9) and cfg.save_checkpoint_epochs == ()
+    assert cfg.max_steps_per_epoch == 5
+
+
+def test_bad_settings_name_the_valid_choices():
+    with pytest.raises(ValueError, match="valid presets"):
+        train.TrainConfig(model="res18", data="cifar10", out="x", preset="fast").resolved()
+    with pytest.raises(ValueError, match=r"outside \[0, 12\]"):
+        train.TrainConfig(model="res18", data="x", out="x", save_head_epochs="0,13").resolved()
+
+
+def test_preset_snapshot_epochs_follow_a_shortened_run():
+    cfg = train.TrainConfig(model="res18", data="x", out="x", preset="demo", epochs=3).resolved()
+    assert cfg.save_checkpoint_epochs == (0, 1, 2, 3) and cfg.save_head_epochs == (0, 1, 2, 3)
+
+
+def test_step_schedule_matches_the_paper():
+    f = train.LrFactor("step", steps_per_epoch=10, epochs=200, milestones=(70, 140), gamma=0.1)
+    assert f(0) == 1.0 and f(699) == 1.0
+    assert f(700) == pytest.approx(0.1) and f(1399) == pytest.approx(0.1)
+    assert f(1400) == pytest.approx(0.01) and f(1999) == pytest.approx(0.01)
+
+
+def test_cosine_schedule_warms_up_then_anneals_to_zero():
+    f = train.LrFactor("cosine", steps_per_epoch=10, epochs=12, warmup_epochs=1)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(10) == pytest.approx(1.0)
+    assert f(65) == pytest.approx(0.5)
+    assert f(119) < 1e-3
+    values = [f(s) for s in range(10, 120)]
+    assert all(a >= b for a, b in zip(values, values[1:]))
+
+
+# ------------------------------------------------------------------------------------------ a run
+
+
+def test_run_writes_the_documented_layout(tmp_path):
+    torch.manual_seed(0)
+    result = train.run(tiny_config(tmp_path / "run", model="res18-d[2,2,3]a", save_checkpoint_epochs="0,1"),
+                       bundle=tiny_bundle())
+    out = tmp_path / "run"
+    assert result.out_dir == out and result.final_path == out / "final.pt"
+    names = sorted(os.listdir(out))
+    assert names == ["checkpoint.pt", "checkpoint_epoch000.pt", "checkpoint_epoch001.pt", "final.pt",
+                     "head_epoch000.pt", "head_epoch001.pt", "head_epoch002.pt", "metrics.jsonl"]
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert lines == result.metrics and [m["epoch"] for m in lines] == [1, 2]
+    for m in lines:
+        assert set(m) == METRIC_KEYS
+        assert 0 <= m["test_top1"] <= m["test_top5"] <= 100
+        assert set(m["sparsity"]) == {"head", "layer3.0.conv1", "layer4.0.conv1"}
+        assert set(m["never_routed"]) == {"head", "layer3.0.conv1", "layer4.0.conv1"}
+        assert all(0 <= v <= 1 for v in m["never_routed"].values())
+    assert lines[0]["lr"] == pytest.approx(0.05) and lines[1]["lr"] < lines[0]["lr"]
+    # the init head (epoch 0) is the checkpoint_epoch000 head, and final.pt rebuilds the trained net
+    head0 = load_checkpoint(out / "head_epoch000.pt")
+    init = load_checkpoint(out / "checkpoint_epoch000.pt")
+    assert torch.equal(head0["weight"], init["state_dict"]["head.weight"])
+    final = load_model(out / "final.pt")
+    head2 = load_checkpoint(out / "head_epoch002.pt")
+    assert torch.equal(final.head.weight, head2["weight"])
+    assert not torch.equal(head0["weight"], head2["weight"])
+
+
+def test_finished_run_returns_stored_result_without_data(tmp_path):
+    first = train.run(tiny_config(tmp_path / "run", model="res18"), bundle=tiny_bundle())
+    assert set(first.metrics[0]["never_routed"]) == set()  # dense model: no dynamic layers
+    assert set(first.metrics[0]["sparsity"]) == {"head"}
+    before = (tmp_path / "run" / "final.pt").stat().st_mtime_ns
+    # data "tiny" does not exist: any attempt to train would fail while loading it
+    again = train.run(tiny_config(tmp_path / "run", model="res18"))
+    assert again.metrics == first.metrics
+    assert (tmp_path / "run" / "final.pt").stat().st_mtime_ns == before
+
+
+def test_changed_configuration_is_refused(tmp_path):
+    train.run(tiny_config(tmp_path / "run", model="res18", epochs=1), bundle=tiny_bundle())
+    with pytest.raises(ValueError, match="different configuration.*lr"):
+        train.run(tiny_config(tmp_path / "run", model="res18", epochs=1, lr=0.3), bundle=tiny_bundle())
+
+
+def test_l1_penalty_shrinks_the_head(tmp_path):
+    runs = {}
+    for l1 in (0.0, 0.5):
+        torch.manual_seed(0)
+        train.run(tiny_config(tmp_path / f"l1_{l1}", model="res18-l1", l1=l1, epochs=1), bundle=tiny_bundle())
+        runs[l1] = load_model(tmp_path / f"l1_{l1}" / "final.pt").head.weight.abs().sum().item()
+    assert runs[0.5] < 0.8 * runs[0.0]
+
+
+class _PoisonedAfter(Dataset):
+    """Returns NaN images once more than `clean` items were fetched: a divergence in epoch 2."""
+
+    def __init__(self, base, clean):
+        self.base, self.clean, self.fetched = base, clean, 0
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, i):
+        self.fetched += 1
+        x, y = self.base[i]
+        return (torch.full_like(x, float("nan")) if self.fetched > self.clean else x), y
+
+
+def test_non_finite_loss_stops_with_epoch_and_step_and_keeps_last_checkpoint(tmp_path):
+    bundle = tiny_bundle()
+    bundle.train = _PoisonedAfter(bundle.train, clean=4 * 16 + 16)  # epoch 1 = 4 steps of 16; NaN at epoch 2 step 2
+    with pytest.raises(FloatingPointError, match=r"epoch 2 step 2/4"):
+        train.run(tiny_config(tmp_path / "run"), bundle=bundle)
+    state = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    assert state["epoch"] == 1 and len(state["metrics"]) == 1
+    assert not (tmp_path / "run" / "final.pt").exists()
+
+
+def test_routing_tracker_marks_exactly_the_selected_weights():
+    torch.manual_seed(0)
+    model = models.build("res18-d2a", 5, stem="cifar", width=4).train()
+    tracker = train.RoutingTracker(model.dynamic_layers())
+    captured = {}
+    model.head.register_forward_hook(lambda m, i, o: captured.setdefault("x", i[0].detach()))
+    model(torch.randn(6, 3, 8, 8))
+    idx = routed_indices(captured["x"], model.head.weight.detach(), 2)  # (6, 5, 2)
+    expected = torch.zeros(5, model.head.weight.shape[1], dtype=torch.bool)
+    for b in range(6):
+        for c in range(5):
+            expected[c, idx[b, c]] = True
+    assert torch.equal(tracker.used["head"], expected)
+    assert tracker.never_routed(train._Dist())["head"] == pytest.approx(
+        1 - expected.float().mean().item())
+
+
+# ------------------------------------------------------------------------------------------ resume
+
+_SCRIPT = textwrap.dedent("""
+    import json, sys
+    sys.path.insert(0, {tests!r})
+    from test_train import tiny_bundle, tiny_config
+    from dka import train
+    from test_train import RandomFlip
+    overrides = json.loads(sys.argv[2])
+    bundle = tiny_bundle(n_train=128, seed=3)
+    bundle.train = RandomFlip(bundle.train)
+    train.run(tiny_config(sys.argv[1], **overrides), bundle=bundle)
+""")
+
+
+def _run_script(tmp_path, out, overrides, kill_after=None):
+    script = tmp_path / "train_script.py"
+    script.write_text(_SCRIPT.format(tests=str(ROOT / "tests")))
+    env = dict(os.environ)
+    env.pop("DKA_TRAIN_KILL_AFTER_STEPS", None)
+    if kill_after:
+        env["DKA_TRAIN_KILL_AFTER_STEPS"] = str(kill_after)
+    return subprocess.run([sys.executable, str(script), str(out), json.dumps(overrides)], env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_identical_weights_and_metrics(tmp_path):
+    overrides = dict(model="res18-d[2,2,3]a", epochs=3, max_steps_per_epoch=None, batch_size=32,
+                     augment=False, schedule="cosine", warmup_epochs=0.5)
+    reference = _run_script(tmp_path, tmp_path / "reference", overrides)
+    assert reference.returncode == 0, reference.stderr
+    # 4 steps per epoch: SIGKILL after 6 steps = in the middle of epoch 2, after checkpoint 1
+    killed = _run_script(tmp_path, tmp_path / "resumed", overrides, kill_after=6)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert load_checkpoint(tmp_path / "resumed" / "checkpoint.pt")["epoch"] == 1
+    assert not (tmp_path / "resumed" / "final.pt").exists()
+    resumed = _run_script(tmp_path, tmp_path / "resumed", overrides)
+    assert resumed.returncode == 0, resumed.stderr
+
+    ref_final = load_checkpoint(tmp_path / "reference" / "final.pt")["state_dict"]
+    res_final = load_checkpoint(tmp_path / "resumed" / "final.pt")["state_dict"]
+    assert ref_final.keys() == res_final.keys()
+    for key in ref_final:
+        assert torch.equal(ref_final[key], res_final[key]), key
+
+    def without_seconds(path):
+        rows = [json.loads(x) for x in path.read_text().splitlines()]
+        return [{k: v for k, v in row.items() if k != "seconds"} for row in rows]
+
+    ref_metrics = without_seconds(tmp_path / "reference" / "metrics.jsonl")
+    assert len(ref_metrics) == 3
+    assert without_seconds(tmp_path / "resumed" / "metrics.jsonl") == ref_metrics
+
+
+# ------------------------------------------------------------------------------------------ DDP
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank, world, port, out, overrides):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    train.run(tiny_config(out, **overrides), bundle=tiny_bundle(n_train=128, seed=5))
+
+
+@pytest.mark.slow
+def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tmp_path):
+    """BatchNorm statistics are pooled over ranks (AllReduceBatchNorm2d on gloo), the sampler gives
+    each rank an interleaved half of the same global batch and DDP averages the gradients: so the two
+    processes take the same steps as one process, up to float summation order."""
+    overrides = dict(model="res18-d[2,2,3]a", epochs=2, batch_size=32, augment=False, max_steps_per_epoch=3)
+    single = train.run(tiny_config(tmp_path / "single", **overrides), bundle=tiny_bundle(n_train=128, seed=5))
+    torch.multiprocessing.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path / "ddp"), overrides), nprocs=2)
+    a = load_checkpoint(tmp_path / "single" / "final.pt")["state_dict"]
+    b = load_checkpoint(tmp_path / "ddp" / "final.pt")["state_dict"]
+    for key in a:
+        if a[key].is_floating_point():
+            torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5, msg=key)
+        else:
+            assert torch.equal(a[key], b[key]), key
+    ddp_metrics = [json.loads(x) for x in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
+    for m_single, m_ddp in zip(single.metrics, ddp_metrics, strict=True):
+        for key in ("train_loss", "train_top1", "test_loss", "test_top1", "test_top5", "lr"):
+            assert m_ddp[key] == pytest.approx(m_single[key], rel=1e-4, abs=1e-4), key
+        assert m_ddp["never_routed"]["head"] == pytest.approx(m_single["never_routed"]["head"], abs=0.02)
+
+
+# ------------------------------------------------------------------------------------------ real data
+
+
+@pytest.mark.slow
+def test_cli_trains_on_generated_scenes_smoke(tmp_path):
+    """The documented command end to end on the built-in dataset (generated on first use)."""
+    out = tmp_path / "run"
+    argv = ["--model", "res18-d5a", "--data", "scenes-smoke", "--data-root", str(tmp_path / "scenes"),
+            "--preset", "smoke", "--width", "4", "--out", str(out), "--no-progress", "--threads", "1"]
+    assert train.main(argv) == 0
+    metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in metrics] == [1, 2]
+    assert set(metrics[-1]["never_routed"]) == {"head"}
+    model = load_model(out / "final.pt")
+    assert model.build_kwargs["name"] == "res18-d5a" and model.head.k == 5
+    assert train.main(argv) == 0  # finished: returns the stored result
+    assert [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()] == metrics
