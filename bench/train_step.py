@@ -5,7 +5,7 @@
 
 One step = forward, cross-entropy, backward and an SGD step (momentum, weight decay), exactly as
 `dka.train` runs it (autocast bf16 and channels_last unless disabled). The "+ routing" column adds the
-trainer's `never_routed` hooks (dka.train.RoutingTracker). Models are timed in interleaved rounds so
+trainer's `never_routed` bookkeeping (dka.train.RoutingTracker). Models are timed in interleaved rounds so
 that load from other processes on a shared machine hits all of them alike; each number is the median
 over rounds of the mean step time within a round. Ratios are against res18 measured in this run.
 The issue's target: a res18-d5a step at most 1.05x a res18 step. Nothing here asserts.

@@ -213,3 +213,28 @@ def test_cuda_matches_cpu():
     x, w, b = torch.randn(32, 64), torch.randn(10, 64), torch.randn(10)
     y = dynamic_k_linear(x.cuda(), w.cuda(), b.cuda(), 5)
     torch.testing.assert_close(y.cpu(), direct(x, w, b, 5), rtol=1e-4, atol=1e-4)
+
+
+def test_routing_mask_records_exactly_the_selected_pairs_in_training_mode():
+    layer = DynamicKLinear(20, 4, k=3)
+    conv = DynamicKConv2d(6, 5, k=2, stride=2)
+    x, xc = torch.randn(9, 20), torch.randn(2, 6, 5, 5)
+    layer.routing_mask = torch.zeros(4, 20, dtype=torch.bool)
+    conv.routing_mask = torch.zeros(5, 6, dtype=torch.bool)
+    layer(x)
+    conv(xc)
+    idx = routed_indices(x, layer.weight.detach(), 3)
+    expected = torch.zeros(4, 20, dtype=torch.bool)
+    expected[torch.arange(4)[None, :, None].expand_as(idx), idx] = True
+    assert torch.equal(layer.routing_mask, expected)
+    cidx = conv.routed_indices(xc)  # (N, out, H, W, k)
+    cexp = torch.zeros(5, 6, dtype=torch.bool)
+    cexp[torch.arange(5)[None, :, None, None, None].expand_as(cidx), cidx] = True
+    assert torch.equal(conv.routing_mask, cexp)
+    # evaluation-mode forwards do not count
+    layer.eval()
+    layer.routing_mask.zero_()
+    layer(x)
+    assert not layer.routing_mask.any()
+    with pytest.raises(ValueError, match="routing_mask"):
+        dynamic_k_linear(x, layer.weight, None, 3, torch.zeros(4, 19, dtype=torch.bool))

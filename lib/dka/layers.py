@@ -100,9 +100,12 @@ class _DynamicKFunction(torch.autograd.Function):
     """Autograd through the saved selection only (see the module docstring)."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, k: int) -> Tensor:
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, k: int,
+                routing_mask: Tensor | None = None) -> Tensor:
         need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
-        sums, indices = _select(x, weight, k, want_indices=need_grad)
+        sums, indices = _select(x, weight, k, want_indices=need_grad or routing_mask is not None)
+        if routing_mask is not None:
+            _mark_routed(routing_mask, indices)
         if bias is not None:
             sums += bias.to(sums.dtype)
         if need_grad:
@@ -116,7 +119,7 @@ class _DynamicKFunction(torch.autograd.Function):
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = grad_out.sum(0)
         if not (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
-            return grad_x, grad_w, grad_b, None
+            return grad_x, grad_w, grad_b, None, None
         x, weight, indices = ctx.saved_tensors
         batch, in_features = x.shape
         out_features, k = indices.shape[1], indices.shape[2]
@@ -144,7 +147,15 @@ class _DynamicKFunction(torch.autograd.Function):
             grad_x = gx.to(x.dtype)
         if want_w:
             grad_w = gw.view(out_features, in_features).to(weight.dtype)
-        return grad_x, grad_w, grad_b, None
+        return grad_x, grad_w, grad_b, None, None
+
+
+def _mark_routed(routing_mask: Tensor, indices: Tensor) -> None:
+    """routing_mask[c, i] |= (some row routed output c through input i)."""
+    out_features = indices.shape[1]
+    for rows in _chunks(indices.shape[0], _BACKWARD_CHUNK_ELEMENTS // (out_features * indices.shape[2])):
+        idx = indices[rows].long().transpose(0, 1).reshape(out_features, -1)
+        routing_mask.scatter_(1, idx, True)
 
 
 def _fused_kernel_for(x: Tensor):
@@ -158,33 +169,41 @@ def _fused_kernel_for(x: Tensor):
     return kernels.fused_dynamic_k_linear if kernels.fused_available(x) else None
 
 
-def dynamic_k_linear(x: Tensor, weight: Tensor, bias: Tensor | None, k: int) -> Tensor:
+def dynamic_k_linear(x: Tensor, weight: Tensor, bias: Tensor | None, k: int,
+                     routing_mask: Tensor | None = None) -> Tensor:
     """Functional Dynamic-K linear map: `x` (batch, in), `weight` (out, in), `bias` (out) or None.
 
     Under autocast the inputs are cast to the autocast dtype, as `nn.Linear` would be; the K
-    products are summed in float32 either way.
+    products are summed in float32 either way. `routing_mask`, a bool (out, in) tensor, is OR-ed
+    with the pairs this call selects: how the trainer counts weights that were never routed,
+    exactly and without repeating the selection.
     """
     _check_arguments(x, weight, bias, k)
+    if routing_mask is not None and (routing_mask.shape != weight.shape or routing_mask.dtype != torch.bool):
+        raise ValueError(f"routing_mask must be a bool tensor of shape {tuple(weight.shape)}; "
+                         f"got {routing_mask.dtype} {tuple(routing_mask.shape)}")
     device_type = x.device.type
     if torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
         x, weight = x.to(dtype), weight.to(dtype)
         bias = bias.to(dtype) if bias is not None else None
         with torch.autocast(device_type, enabled=False):
-            return _dispatch(x, weight, bias, k)
+            return _dispatch(x, weight, bias, k, routing_mask)
     if x.dtype != weight.dtype:
         raise ValueError(
             f"input dtype {x.dtype} differs from weight dtype {weight.dtype}; cast one of them "
             "or run under torch.autocast"
         )
-    return _dispatch(x, weight, bias, k)
+    return _dispatch(x, weight, bias, k, routing_mask)
 
 
-def _dispatch(x: Tensor, weight: Tensor, bias: Tensor | None, k: int) -> Tensor:
+def _dispatch(x: Tensor, weight: Tensor, bias: Tensor | None, k: int, routing_mask: Tensor | None) -> Tensor:
     fused = _fused_kernel_for(x)
-    if fused is not None:
-        return fused(x, weight, bias, k)
-    return _DynamicKFunction.apply(x, weight, bias, k)
+    if fused is None:
+        return _DynamicKFunction.apply(x, weight, bias, k, routing_mask)
+    if routing_mask is not None:  # the fused kernel keeps its selection to itself: select once more
+        _mark_routed(routing_mask, _select(x.detach(), weight.detach(), k, want_indices=True)[1])
+    return fused(x, weight, bias, k)
 
 
 @torch.no_grad()
@@ -215,6 +234,7 @@ class DynamicKLinear(nn.Module):
         factory = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory))
         self.bias = nn.Parameter(torch.empty(out_features, **factory)) if bias else None
+        self.routing_mask: Tensor | None = None  # see `dynamic_k_linear`; filled in training mode only
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -225,7 +245,8 @@ class DynamicKLinear(nn.Module):
             nn.init.uniform_(self.bias, -bound, bound)
 
     def forward(self, x: Tensor) -> Tensor:
-        return dynamic_k_linear(x, self.weight, self.bias, self.k)
+        mask = self.routing_mask if self.training else None
+        return dynamic_k_linear(x, self.weight, self.bias, self.k, mask)
 
     def routed_indices(self, x: Tensor) -> Tensor:
         return routed_indices(x, self.weight, self.k)
@@ -252,6 +273,7 @@ class DynamicKConv2d(nn.Module):
         factory = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty(out_channels, in_channels, 1, 1, **factory))
         self.bias = nn.Parameter(torch.empty(out_channels, **factory)) if bias else None
+        self.routing_mask: Tensor | None = None  # bool (out, in); see `dynamic_k_linear`
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -273,7 +295,8 @@ class DynamicKConv2d(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         rows, (n, h, w) = self._rows(x)
         weight = self.weight.view(self.out_channels, self.in_channels)
-        y = dynamic_k_linear(rows, weight, self.bias, self.k)
+        mask = self.routing_mask if self.training else None
+        y = dynamic_k_linear(rows, weight, self.bias, self.k, mask)
         # (N, H, W, C) viewed as NCHW: channels_last memory, which convolutions downstream accept.
         return y.view(n, h, w, self.out_channels).permute(0, 3, 1, 2)
 

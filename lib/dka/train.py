@@ -14,10 +14,12 @@ WHY it looks like this:
   step as one process with the same global batch; rank 0 alone writes files.
 
 `never_routed` (per dynamic layer, share of weights (c, i) never selected by any sample during the
-epoch's training steps) is recorded by forward hooks that repeat the layer's own selection
-(`dka.layers.routed_indices`, same dtype, same tie-breaking). For the head every sample is used; for the
-internal 1x1 Dynamic-K convolutions a rotating subsample of output positions per step (at most
-`_ROUTING_BUDGET` products) keeps the cost small, so there it is a close upper estimate.
+epoch's training steps) is recorded by the layers themselves: each ORs the (c, i) pairs it selects
+into a mask (`routing_mask`, see `dka.layers.dynamic_k_linear`), exact and nearly free. Under
+torch.compile that in-place bookkeeping would force recompilations, so there forward hooks outside
+the graph repeat the selection instead (`dka.layers.routed_indices`, same dtype and tie-breaking; for
+the internal 1x1 layers on a rotating subsample of at most `_ROUTING_BUDGET` products per step, a
+close upper estimate).
 
 Fault injection for the resume test: with DKA_TRAIN_KILL_AFTER_STEPS=N in the environment the process
 SIGKILLs itself after N optimiser steps (counted in this process), i.e. it dies exactly like `kill -9`.
@@ -427,7 +429,11 @@ def _seed_everything(seed: int) -> None:
 
 
 class RoutingTracker:
-    """Per dynamic layer, a boolean (out, in) mask of the weights selected at least once this epoch."""
+    """Per dynamic layer, a boolean (out, in) mask of the weights selected at least once this epoch.
+
+    Eager mode: the layers fill the masks themselves (`routing_mask`). Compiled: forward hooks
+    repeat the selection (see the module docstring).
+    """
 
     def __init__(self, layers: dict[str, nn.Module], compiled: bool = False) -> None:
         from dka.layers import routed_indices
@@ -437,7 +443,9 @@ class RoutingTracker:
         self.used: dict[str, torch.Tensor] = {}
         self._calls: dict[str, int] = {}
         self._compiled = compiled
-        self._handles = [module.register_forward_hook(self._hook(name)) for name, module in layers.items()]
+        self._handles = (
+            [module.register_forward_hook(self._hook(name)) for name, module in layers.items()] if compiled else []
+        )
         self.reset()
 
     def reset(self) -> None:
@@ -445,6 +453,8 @@ class RoutingTracker:
             out_features, in_features = module.weight.shape[0], module.weight.shape[1]
             self.used[name] = torch.zeros(out_features, in_features, dtype=torch.bool, device=module.weight.device)
             self._calls[name] = 0
+            if not self._compiled:
+                module.routing_mask = self.used[name]
 
     def _hook(self, name: str):
         def hook(module, inputs, output):
@@ -489,6 +499,8 @@ class RoutingTracker:
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
+        for module in self.layers.values():
+            module.routing_mask = None
 
 
 def _sparsity(model: nn.Module) -> dict[str, float]:
