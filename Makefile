@@ -1,6 +1,7 @@
 # dka — one-command setup, tests, the DVC pipeline and the benchmarks.
 #   make test    create .venv (pinned deps), install dka editable, run pytest + nbval (smoke profile)
-#   make repro   dvc repro at the profile named in params.yaml (default: demo, CPU, < 30 min)
+#   make repro   dvc repro at the profile named in params.yaml (default: demo, CPU, < 30 min);
+#                make repro PROFILE=smoke|cifar-cpu|paper for another profile
 #   make bench   print the benchmark tables (never asserts timings)
 
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
@@ -8,6 +9,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.dka-installed
 TRITON := triton==3.9.0
+PROFILE ?=
 
 .PHONY: setup test test-lib test-notebooks repro bench clean-venv
 
@@ -31,15 +33,25 @@ test: test-lib test-notebooks
 test-lib: setup
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 tests
 
-# Every notebook executed at the smoke profile (its parameters cell defaults); cells tagged
-# `nbval-check` have their stored outputs compared, the rest only have to run without error.
+# Every notebook executed at the smoke profile (its parameters-cell defaults). Notebooks are stored
+# without outputs, so nothing is compared: cells tagged `nbval-check` assert deterministic invariants.
 test-notebooks: setup
 	@if ls notebooks/*.ipynb > /dev/null 2>&1; then \
 		MPLBACKEND=Agg $(PY) -m pytest -q -p no:cacheprovider --nbval-lax --nbval-current-env notebooks; \
 	else echo "no notebooks yet"; fi
 
+# `make repro` = `dvc repro` at the profile named in params.yaml (demo). `make repro PROFILE=smoke|cifar-cpu|paper`
+# switches params.yaml's `profile:` line for the run and restores it (stage names carry the profile, so
+# each profile keeps its own dvc.lock records and nothing reruns on return). Stage commands call papermill
+# from the venv, hence PATH.
 repro: setup
-	$(VENV)/bin/dvc repro
+	@set -e; export PATH="$(CURDIR)/$(VENV)/bin:$$PATH"; \
+	if [ -n "$(PROFILE)" ]; then \
+		grep -q '^$(PROFILE):' params.yaml || { echo "no profile '$(PROFILE)' in params.yaml"; exit 2; }; \
+		cp params.yaml .params.yaml.orig; trap 'mv -f .params.yaml.orig params.yaml' EXIT INT TERM; \
+		sed -e 's/^profile: .*/profile: $(PROFILE)/' .params.yaml.orig > params.yaml; \
+	fi; \
+	dvc repro
 
 bench: setup
 	$(PY) bench/layers.py

@@ -24,8 +24,6 @@ Definitions (used by the notebooks verbatim):
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -183,16 +181,18 @@ def concept_graph(
     class_names: Sequence[str] | None = None,
     top_units: int = 5,
     title: str | None = None,
+    source_label: str = "class",
 ) -> Path:
     """The paper's Fig. 6: class -> unit -> concept graph as a PNG.
 
-    Left: the chosen classes; middle: each class's `top_units` units by weight (edge width ∝ weight,
-    red for negative); right: the units' concepts, each unit edge labelled with its IoU.
+    Left: the chosen classes (or, with `source_label`, any outputs of the weight matrix, e.g. the
+    units of an internal 1x1 layer); middle: each one's `top_units` units by weight (edge width ∝
+    weight, red for negative); right: the units' concepts, each unit edge labelled with its IoU.
+    Drawn on a bare Figure, not through pyplot, so it never touches the caller's backend.
     """
-    import matplotlib
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    from dka.plots import save_figure
 
     w = head_weight(model_or_weight)
     units = _unit_table(tally, w.shape[1])
@@ -222,7 +222,8 @@ def concept_graph(
     y_unit = dict(zip(chosen_units, ys(len(chosen_units))))
     y_con = dict(zip(concepts, ys(len(concepts))))
     height = max(4.0, 0.35 * max(len(chosen_units), len(concepts), len(classes)))
-    fig, ax = plt.subplots(figsize=(10, height))
+    fig = Figure(figsize=(10, height))
+    ax = fig.add_subplot()
     wmax = max(abs(e[2]) for e in edges) or 1.0
     for c, u, wt in edges:
         ax.plot([0, 1], [y_cls[c], y_unit[u]], color="tab:blue" if wt >= 0 else "tab:red",
@@ -234,7 +235,7 @@ def concept_graph(
                 alpha=0.6, zorder=1)
         ax.text(1.5, (y_unit[u] + y_con[str(info["label"])]) / 2, f"IoU {iou:.2f}", fontsize=7, ha="center",
                 va="bottom", color="dimgrey")
-    name = (lambda c: class_names[c]) if class_names is not None else (lambda c: f"class {c}")  # noqa: E731
+    name = (lambda c: class_names[c]) if class_names is not None else (lambda c: f"{source_label} {c}")  # noqa: E731
     ax.scatter([0] * len(classes), [y_cls[c] for c in classes], s=120, color="tab:orange", zorder=2)
     ax.scatter([1] * len(chosen_units), [y_unit[u] for u in chosen_units], s=60, color="tab:blue", zorder=2)
     ax.scatter([2] * len(concepts), [y_con[k] for k in concepts], s=80, color="tab:green", zorder=2)
@@ -246,24 +247,11 @@ def concept_graph(
         ax.text(2.05, y_con[k], k, ha="left", va="center", fontsize=10)
     ax.set_xlim(-0.8, 2.8)
     ax.set_ylim(-0.08, 1.08)
-    ax.set_xticks([0, 1, 2], ["class", "unit (line width = weight)", "concept"])
+    ax.set_xticks([0, 1, 2], [source_label, "unit (line width = weight)", "concept"])
     ax.set_yticks([])
     for side in ("left", "right", "top"):
         ax.spines[side].set_visible(False)
     if title:
         ax.set_title(title)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=130, format="png")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    finally:
-        plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=130)

@@ -1,0 +1,167 @@
+"""The DVC pipeline, params.yaml and the notebooks agree with each other and with the library.
+
+These checks catch the mistakes that otherwise surface only 20 minutes into `dvc repro`: a stage whose
+notebook was renamed, a profile missing a setting a notebook reads, a K larger than the head's inputs at
+that profile's width, a notebook committed with outputs or without smoke defaults.
+"""
+
+from __future__ import annotations
+
+import ast
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+import torch
+import yaml
+
+from dka import data, models, train
+
+ROOT = Path(__file__).resolve().parents[1]
+PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text())
+DVC = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+PROFILES = [k for k, v in PARAMS.items() if isinstance(v, dict)]
+STAGES = DVC["stages"]
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
+# What each notebook reads from its profile section (a missing key would fail only at run time).
+SECTION_KEYS = {
+    "runtime": {"device", "workers", "amp", "seed", "fresh_runs", "nproc_per_node"},
+    "cifar": {"dataset", "root", "models", "train", "slider_default"},
+    "places": {"dataset", "root", "models", "train", "overrides", "slider_default"},
+    "dissect": {"broden_root", "caffe", "layer", "batch_size", "models", "over_training", "iou_threshold",
+                "top_units", "weight_share", "max_concepts", "graph_classes", "reference_tally"},
+    "explain": {"models", "num_images", "top_units", "seed"},
+    "internal": {"dataset", "root", "models", "train", "dissect_batch_size", "weight_share", "max_concepts"},
+}
+TRAINED = ("cifar", "places", "internal")
+
+
+def _resolve(text: str, profile: str) -> str:
+    return text.replace("${item}", profile)
+
+
+def _stage_params(stage: dict) -> list[str]:
+    return [p for p in stage["do"]["params"]]
+
+
+def test_default_profile_is_demo_and_profiles_are_complete():
+    assert PARAMS["profile"] == "demo"
+    assert {"smoke", "demo", "paper"} <= set(PROFILES)
+    for profile in PROFILES:
+        for section, keys in SECTION_KEYS.items():
+            missing = keys - set(PARAMS[profile][section])
+            assert not missing, f"{profile}.{section} lacks {sorted(missing)}"
+
+
+def test_every_stage_runs_its_notebook_at_the_templated_profile():
+    assert sorted(STAGES) == sorted(nb.stem for nb in NOTEBOOKS)
+    for name, stage in STAGES.items():
+        assert stage["foreach"] == ["${profile}"], name
+        do = stage["do"]
+        notebook = f"notebooks/{name}.ipynb"
+        assert (ROOT / notebook).is_file()
+        cmd = " ".join(do["cmd"].split())
+        assert f"papermill --cwd notebooks {notebook} results/${{item}}/{name}/{name}.ipynb" in cmd
+        assert cmd.endswith("-p profile ${item}")
+        assert notebook in do["deps"] and "lib/dka" in do["deps"]
+        outs = [next(iter(o)) if isinstance(o, dict) else o for o in do["outs"]]
+        results = f"results/${{item}}/{name}"
+        assert results in outs
+        assert {"cache": False} in [o[results] for o in do["outs"] if isinstance(o, dict) and results in o]
+        for out in outs:
+            assert out.startswith(("results/${item}/", "runs/${item}/")), out
+
+
+def test_stage_params_exist_in_every_profile():
+    for name, stage in STAGES.items():
+        for key in _stage_params(stage):
+            for profile in PROFILES:
+                node = PARAMS
+                for part in _resolve(key, profile).split("."):
+                    assert isinstance(node, dict) and part in node, f"{name}: {_resolve(key, profile)} missing"
+                    node = node[part]
+
+
+def test_downstream_stages_depend_on_the_outputs_they_read():
+    outs = {name: {next(iter(o)) if isinstance(o, dict) else o for o in stage["do"]["outs"]}
+            for name, stage in STAGES.items()}
+    for name, stage in STAGES.items():
+        for dep in stage["do"]["deps"]:
+            if dep.startswith(("runs/", "results/")):
+                assert any(dep in o for o in outs.values()), f"{name} depends on {dep}, which no stage writes"
+    assert "runs/${item}/02_places_sweep" in STAGES["03_dissect"]["do"]["deps"]
+    assert "results/${item}/03_dissect" in STAGES["04_instance_explain"]["do"]["deps"]
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_models_fit_their_profile(profile):
+    """Every model name parses, every K fits the width, every train recipe resolves."""
+    p = PARAMS[profile]
+    for section in TRAINED:
+        cfg = p[section]
+        assert cfg["dataset"] in data.DATASETS, f"{profile}.{section}.dataset"
+        for name in cfg["models"]:
+            spec = models.parse_name(name)
+            fields = {**cfg["train"], **cfg.get("overrides", {}).get(name, {})}
+            resolved = train.TrainConfig(model=name, data=cfg["dataset"], out="unused", **fields).resolved()
+            with torch.device("meta"):  # shapes only: no memory, no time
+                models.build(name, num_classes=10, width=resolved.width)  # raises when a K is out of range
+            if section == "places":
+                assert resolved.save_checkpoint_epochs, f"{profile}: 03_dissect needs checkpoints of {name}"
+            assert spec.name == name
+        assert set(cfg.get("overrides", {})) <= set(cfg["models"])
+    ks = [models.parse_name(n).head_k for n in p["cifar"]["models"]]
+    assert p["cifar"]["slider_default"] in ks, "the 01 slider default must be a trained K"
+    ks = [models.parse_name(n).head_k for n in p["places"]["models"]]
+    assert p["places"]["slider_default"] in ks, "the 02 slider default must be a trained K"
+    assert any(models.parse_name(n).internal_k for n in p["internal"]["models"])
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_downstream_model_lists_come_from_02(profile):
+    p = PARAMS[profile]
+    trained = set(p["places"]["models"])
+    assert set(p["dissect"]["models"]) <= trained
+    assert set(p["dissect"]["over_training"]) <= trained
+    for name in p["dissect"]["over_training"]:  # Fig. 5(c) is a curve: several checkpoints, from the start
+        fields = {**p["places"]["train"], **p["places"].get("overrides", {}).get(name, {})}
+        epochs = train.TrainConfig(model=name, data=p["places"]["dataset"], out="unused", **fields).resolved()
+        assert len(epochs.save_checkpoint_epochs) >= 3 and epochs.save_checkpoint_epochs[0] == 0, name
+    assert set(p["explain"]["models"]) <= set(p["dissect"]["models"]), "04 reads the tallies 03 writes"
+    assert 0 < p["dissect"]["weight_share"] <= 1 and 0 < p["internal"]["weight_share"] <= 1
+
+
+@pytest.mark.parametrize("notebook", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_is_clean_with_smoke_defaults_and_checks(notebook):
+    nb = nbformat.read(notebook, as_version=4)
+    nbformat.validate(nb)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    for cell in code:
+        assert cell.outputs == [] and cell.execution_count is None, f"{notebook.name} is stored with outputs"
+        ast.parse(cell.source)  # every cell is valid Python (no magics)
+    tagged = [c for c in code if "parameters" in c.metadata.get("tags", [])]
+    assert len(tagged) == 1 and tagged[0] is code[0], "the first code cell is the only `parameters` cell"
+    defaults = {}
+    exec(tagged[0].source, {}, defaults)  # plain assignments
+    assert defaults == {"profile": "smoke", "params_file": "params.yaml"}
+    checks = [c for c in code if "nbval-check" in c.metadata.get("tags", [])]
+    assert checks and all("assert " in c.source for c in checks), "a deterministic `nbval-check` cell"
+    assert nb.cells[0].cell_type == "markdown" and nb.cells[0].source.startswith("# ")
+    assert nb.metadata["kernelspec"]["name"] == "python3"
+
+
+def test_dvc_ignores_bytecode_so_lib_hash_is_stable():
+    ignored = (ROOT / ".dvcignore").read_text().split()
+    assert "__pycache__/" in ignored and "*.pyc" in ignored
+
+
+@pytest.mark.skipif(shutil.which("dvc", path=str(Path(sys.executable).parent)) is None, reason="dvc not installed")
+def test_dvc_resolves_the_templated_stages():
+    dvc = shutil.which("dvc", path=str(Path(sys.executable).parent))
+    out = subprocess.run([dvc, "stage", "list"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    names = [line.split()[0] for line in out.stdout.splitlines() if line.strip()]
+    assert names == [f"{stage}@{PARAMS['profile']}" for stage in STAGES]
