@@ -1,6 +1,6 @@
 """Training-step throughput of res18, res18-d5a and res18-d[32,32,5]a, measured side by side.
 
-    python bench/train_step.py                          # width 16, 32 px, batch 128, bf16 on CPU
+    python bench/train_step.py                          # width 16, 32 px, batch 128 (bf16 where fast)
     python bench/train_step.py --width 64 --size 224 --stem imagenet --classes 365 --device cuda
 
 One step = forward, cross-entropy, backward and an SGD step (momentum, weight decay), exactly as
@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from dka import models
-from dka.train import RoutingTracker
+from dka.train import RoutingTracker, bf16_is_fast
 
 MODELS = ("res18", "res18-d5a", "res18-d[32,32,5]a")
 
@@ -43,13 +43,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=2, help="timed steps per model per round")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16 autocast (default: where bf16 is fast, dka.train.bf16_is_fast)")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--routing", action=argparse.BooleanOptionalAction, default=True,
                    help="also time the step with the never_routed hooks")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=os.cpu_count())
     args = p.parse_args(argv)
+    if args.amp is None:
+        args.amp = bf16_is_fast(args.device)
 
     device = torch.device(args.device)
     if device.type == "cpu":
