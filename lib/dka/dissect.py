@@ -543,7 +543,7 @@ def _open_dataset(dataset_root, categories, caffe):
 def _progress(iterable, total, desc, enabled):
     if not enabled:
         return iterable
-    from tqdm.auto import tqdm
+    from dka.progress import tqdm
 
     return tqdm(iterable, total=total, desc=desc, leave=False)
 

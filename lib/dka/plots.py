@@ -23,6 +23,8 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 
+from dka.progress import widget_frontend_available  # re-exported: the notebooks' widget switch
+
 # Figures are read in a README at ~700 px wide: ~120 dpi keeps a 6.4-inch figure at that size.
 DEFAULT_DPI = 120
 # Colours: "ours" vs "paper" everywhere the paper's number is drawn beside ours.
@@ -429,26 +431,6 @@ def sweep_dashboard(weights: Mapping[str, object], curves: pd.DataFrame,
     if title:
         fig.suptitle(title, fontweight="bold")
     return fig
-
-
-def widget_frontend_available() -> bool:
-    """Whether this kernel has a frontend that renders ipywidgets (Jupyter, VS Code).
-
-    Headless executors (papermill, nbval, nbclient) start kernels without the session variables a
-    Jupyter server or VS Code sets, and there a widget would only leave a text placeholder: the
-    notebooks then show the static default figure alone. Override with DKA_WIDGETS=1 / DKA_WIDGETS=0.
-    """
-    forced = os.environ.get("DKA_WIDGETS")
-    if forced in ("0", "1"):
-        return forced == "1"
-    try:
-        from IPython import get_ipython
-    except ImportError:
-        return False
-    shell = get_ipython()
-    if shell is None or getattr(shell, "kernel", None) is None:
-        return False
-    return any(os.environ.get(v) for v in ("JPY_SESSION_NAME", "VSCODE_PID", "VSCODE_CWD"))
 
 
 def display_rgb(image) -> np.ndarray:

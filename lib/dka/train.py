@@ -47,7 +47,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
+from dka.progress import tqdm
 
 from dka.checkpoint import load_checkpoint, model_payload, save_atomic, unwrap_model
 

@@ -46,7 +46,7 @@ def verify(path: str | os.PathLike, expected: tuple[str, str] | None) -> str:
 
 def fetch(url: str, dest: str | os.PathLike, expected: tuple[str, str] | None = None, progress: bool = True) -> Path:
     """Download `url` to `dest` (skipped when `dest` exists and verifies)."""
-    from tqdm.auto import tqdm
+    from dka.progress import tqdm
 
     dest = Path(dest)
     if dest.is_file():

@@ -44,7 +44,7 @@ def load_rgb(path: str | os.PathLike) -> np.ndarray:
 def decode_files(paths: list[Path], expected_hw: tuple[int, int] | None = None, skip_corrupt: bool = False,
                  desc: str = "decoding images") -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Decode `paths` into one uint8 array (N, H, W, 3). Returns (images, kept positions, skipped files)."""
-    from tqdm.auto import tqdm
+    from dka.progress import tqdm
 
     images, kept, skipped = [], [], []
     for i, path in enumerate(tqdm(paths, desc=desc, unit="img", disable=len(paths) < 2000, mininterval=1)):

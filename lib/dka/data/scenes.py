@@ -690,7 +690,7 @@ def generate(preset: Preset | str, out: str | os.PathLike, seed: int = 0, proces
     started = time.perf_counter()
     try:
         results: list[dict] = []
-        from tqdm.auto import tqdm
+        from dka.progress import tqdm
 
         bar = tqdm(total=len(tasks), desc=f"concept scenes {preset.name}", unit="img", disable=not progress)
         if processes > 1:
