@@ -181,3 +181,17 @@ def test_explanation_figure_names_units_concepts_and_residual():
     assert fig.axes[0].get_xlabel().startswith("residual ")
     with pytest.raises(IndexError, match="out of range"):
         plots.explanation_figure(images, {"m": (attr, None)}, index=2)
+
+
+def test_save_json_writes_strict_json(tmp_path):
+    import json as _json
+
+    import numpy as _np
+
+    from dka import plots as _plots
+
+    path = _plots.save_json({"a": float("nan"), "b": _np.float32(0.5), "c": [_np.int64(3), float("inf")],
+                             "d": _np.arange(2)}, tmp_path / "m.json")
+    text = path.read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    assert _json.loads(text) == {"a": None, "b": 0.5, "c": [3, None], "d": [0, 1]}

@@ -164,18 +164,28 @@ def save_table(df: pd.DataFrame, path_stem: str | os.PathLike, floatfmt: str | M
 
 
 def save_json(obj, path: str | os.PathLike) -> Path:
-    """Write metrics as indented JSON (atomically); numpy scalars become plain numbers."""
+    """Write metrics as indented, strict JSON (atomically): numpy values become plain numbers and
+    NaN/inf become null, so any JSON reader (jq, JavaScript, DVC) accepts the file."""
 
-    def default(value):
-        if isinstance(value, np.generic):
-            return value.item()
+    def plain(value):
+        if isinstance(value, Mapping):
+            return {str(k): plain(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
         if isinstance(value, np.ndarray):
-            return value.tolist()
+            return plain(value.tolist())
+        if isinstance(value, np.generic):
+            value = value.item()
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
         if isinstance(value, Path):
             return str(value)
+        if value is None or isinstance(value, (str, int, float, bool)):
+            return value
         raise TypeError(f"cannot write {type(value).__name__} to JSON")
 
-    return _write_text_atomic(Path(path), json.dumps(obj, indent=2, sort_keys=True, default=default) + "\n")
+    text = json.dumps(plain(obj), indent=2, sort_keys=True, allow_nan=False)
+    return _write_text_atomic(Path(path), text + "\n")
 
 
 # --------------------------------------------------------------------------------------------
