@@ -18,7 +18,7 @@ setup: $(STAMP)
 # Rebuilt only when the pins or the package metadata change: a second `make test` skips it.
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade "pip>=24" "setuptools>=70" wheel
+	$(PY) -m pip install --quiet --upgrade "pip>=24" "setuptools>=77" wheel
 	$(PY) -m pip install --quiet -r requirements.lock
 	# Triton's CPU interpreter runs the fused kernel's correctness tests; GPU torch builds bring their own.
 	$(PY) -m pip install --quiet --no-deps $(TRITON)
