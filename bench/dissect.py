@@ -22,40 +22,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from dka import dissect as D
 
 
 def loop_tally(features: np.ndarray, thresholds: np.ndarray, seg: np.ndarray, image_labels: np.ndarray,
                primary: np.ndarray, n_cat: int) -> float:
-    """NetDissect-Lite's tally loop (units x images in Python); returns seconds."""
+    """Seconds taken by NetDissect-Lite's tally loop (dka.dissect.reference_tally_loop)."""
     start = time.perf_counter()
-    n, units = features.shape[:2]
-    n_lab = len(primary)
-    labelcat = np.zeros((n_lab, n_cat))
-    for lab, c in enumerate(primary):
-        if lab and c >= 0:
-            labelcat[lab, c] = 1
-    sh, sw = seg.shape[-2:]
-    both = np.zeros((units, n_lab))
-    units_cat = np.zeros((units, n_cat))
-    for i in range(n):
-        pixels = seg[i]
-        scalars = [s for s in image_labels[i] if s]
-        for u in range(units):
-            fm = features[i, u]
-            if fm.max() > thresholds[u]:
-                mask = np.asarray(Image.fromarray(fm, mode="F").resize((sw, sh), Image.BILINEAR))
-                idx = np.argwhere(mask > thresholds[u])
-                bt = np.bincount(pixels[:, idx[:, 0], idx[:, 1]].ravel(), minlength=n_lab).astype(float)
-                bt[0] = 0
-                cat = bt @ labelcat
-                both[u] += bt
-                for s in scalars:
-                    cat += labelcat[s]
-                    both[u, s] += len(idx)
-                units_cat[u] += len(idx) * (cat > 0)
+    D.reference_tally_loop(features, thresholds, seg, image_labels, primary, n_cat)
     return time.perf_counter() - start
 
 

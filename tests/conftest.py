@@ -15,3 +15,14 @@ def shared_data() -> Path:
     if not path.is_dir():
         pytest.skip(f"shared data not found at {path} (set DKA_SHARED_DATA)")
     return path
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Two xdist workers share 2 cores: more intra-op threads only spin (convs measured 80x slower)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -11,15 +11,6 @@ from PIL import Image
 from dka import concepts as C
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """2 shared cores run 2 xdist workers: more intra-op threads only spin (80x slower convs measured)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _tally(labels, scores):
     n = len(labels)
     return pd.DataFrame({"unit": np.arange(1, n + 1), "category": "object", "label": labels, "score": scores})

@@ -18,15 +18,6 @@ SHARED = Path(os.environ.get("DKA_SHARED_DATA", Path(__file__).resolve().parents
 REFERENCE_TALLY = SHARED / "reference" / "dka_resnet18_d5a_places365_layer4_tally.csv"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """2 shared cores run 2 xdist workers: more intra-op threads only spin (80x slower convs measured)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture
 def reference_tally() -> Path:
     if not REFERENCE_TALLY.is_file():
@@ -118,42 +109,6 @@ def _pil_upsample(fmap: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return np.asarray(Image.fromarray(fmap.astype(np.float32), mode="F").resize(size[::-1], Image.BILINEAR))
 
 
-def _netdissect_lite_loop(features, thresholds, seg, image_labels, primary, n_cat):
-    """A loop transcription of NetDissect-Lite's tally (with the image-level category rule fixed)."""
-    n, units = features.shape[:2]
-    n_lab = len(primary)
-    labelcat = np.zeros((n_lab, n_cat))
-    for lab, c in enumerate(primary):
-        if lab and c >= 0:
-            labelcat[lab, c] = 1
-    sh, sw = seg.shape[-2:]
-    both = np.zeros((units, n_lab))
-    units_cat = np.zeros((units, n_cat))
-    labels = np.zeros(n_lab)
-    for i in range(n):
-        pixels = seg[i]
-        scalars = [s for s in image_labels[i] if s]
-        for s in scalars:
-            labels[s] += sh * sw
-        tl = np.bincount(pixels.ravel(), minlength=n_lab)
-        tl[0] = 0
-        labels += tl
-        for u in range(units):
-            fm = features[i, u]
-            if fm.max() > thresholds[u]:
-                mask = _pil_upsample(fm, (sh, sw))
-                idx = np.argwhere(mask > thresholds[u])
-                bt = np.bincount(pixels[:, idx[:, 0], idx[:, 1]].ravel(), minlength=n_lab).astype(float)
-                bt[0] = 0
-                cat = bt @ labelcat
-                both[u] += bt
-                for s in scalars:
-                    cat += labelcat[s]
-                    both[u, s] += len(idx)
-                units_cat[u] += len(idx) * (cat > 0)
-    return labels, both, units_cat
-
-
 def test_vectorised_tally_matches_loop_reference():
     rng = np.random.default_rng(0)
     n, units, h, sh = 6, 5, 4, 12
@@ -168,7 +123,7 @@ def test_vectorised_tally_matches_loop_reference():
     acc.update(torch.from_numpy(features[:4]), torch.from_numpy(seg[:4]), torch.from_numpy(image_labels[:4]))
     acc.update(torch.from_numpy(features[4:]), torch.from_numpy(seg[4:]), torch.from_numpy(image_labels[4:]))
     c = acc.counts()
-    truth, both, units_cat = _netdissect_lite_loop(features, thresholds, seg, image_labels, primary, 3)
+    truth, both, units_cat = D.reference_tally_loop(features, thresholds, seg, image_labels, primary, 3)
     np.testing.assert_array_equal(c.truth, truth)
     np.testing.assert_array_equal(c.intersect, both)
     np.testing.assert_array_equal(c.activation, units_cat)
@@ -433,7 +388,7 @@ def test_end_to_end_on_scenes_smoke_matches_loop(scenes_smoke):
         np.quantile(feats.transpose(1, 0, 2, 3).reshape(feats.shape[1], -1).astype(np.float64), D.QUANTILE, axis=1),
         rtol=1e-6,
     )
-    truth, both, units_cat = _netdissect_lite_loop(feats, details.thresholds, seg, il, ds.primary_category,
+    truth, both, units_cat = D.reference_tally_loop(feats, details.thresholds, seg, il, ds.primary_category,
                                                    len(ds.categories))
     np.testing.assert_array_equal(details.counts.truth, truth)
     np.testing.assert_array_equal(details.counts.intersect, both)

@@ -10,15 +10,6 @@ from dka import explain as E
 from dka.models import build
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """2 shared cores run 2 xdist workers: more intra-op threads only spin (80x slower convs measured)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def models():
     torch.manual_seed(0)

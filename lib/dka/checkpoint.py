@@ -15,12 +15,13 @@ File kinds written by `dka.train` (see the run-directory layout in the brief):
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from dka.atomic import atomic_write
 
 __all__ = ["save_atomic", "load_checkpoint", "load_model", "convert_authors_state_dict", "model_payload"]
 
@@ -35,20 +36,9 @@ def save_atomic(obj: Any, path: str | os.PathLike) -> Path:
     `os.replace` is atomic on POSIX within one filesystem, so readers (and a resumed run) see the old
     file or the new one, never a partial write.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    with atomic_write(path, "wb", fsync=True) as handle:
+        torch.save(obj, handle)
+    return Path(path)
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:

@@ -53,6 +53,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dka.atomic import atomic_write
+
 DEFAULT_CATEGORIES: tuple[str, ...] = ("color", "object", "part", "scene", "texture")
 # NetDissect-Lite reads its threshold as QuantileVector.readout(1000)[:, int(1000 * (1 - 0.005) - 1)],
 # i.e. entry 994 of 1000 evenly spaced quantiles in [0, 1]: the 994/999 quantile.
@@ -640,20 +642,57 @@ class DissectionDetails:
 # Tally files
 # --------------------------------------------------------------------------------------------------
 
+def reference_tally_loop(features: np.ndarray, thresholds: np.ndarray, seg: np.ndarray,
+                         image_labels: np.ndarray, primary: np.ndarray, n_cat: int):
+    """NetDissect-Lite's tally as its loop over images x units: the executable spec of
+    `TallyAccumulator` (tests compare the two count for count; bench/dissect.py times both).
+
+    Inputs are whole-dataset numpy arrays: features (N, units, h, w) float32, seg (N, layers, sh, sw)
+    label numbers, image_labels (N, M) (0 = none), primary (labels,) category index or -1. Upsampling
+    is PIL's bilinear on a float image, as scipy's imresize(mode="F") in NetDissect-Lite; the
+    image-level category rule is the one in the module docstring. Returns (truth, intersect, activation).
+    """
+    from PIL import Image
+
+    n, units = features.shape[:2]
+    n_lab = len(primary)
+    labelcat = np.zeros((n_lab, n_cat))
+    for lab, c in enumerate(primary):
+        if lab and c >= 0:
+            labelcat[lab, c] = 1
+    sh, sw = seg.shape[-2:]
+    intersect = np.zeros((units, n_lab))
+    activation = np.zeros((units, n_cat))
+    truth = np.zeros(n_lab)
+    for i in range(n):
+        pixels = seg[i]
+        scalars = [s for s in image_labels[i] if s]
+        for s in scalars:
+            truth[s] += sh * sw
+        counts = np.bincount(pixels.ravel(), minlength=n_lab)
+        counts[0] = 0
+        truth += counts
+        for u in range(units):
+            fm = features[i, u].astype(np.float32)
+            if fm.max() > thresholds[u]:
+                mask = np.asarray(Image.fromarray(fm, mode="F").resize((sw, sh), Image.BILINEAR))
+                idx = np.argwhere(mask > thresholds[u])
+                hits = np.bincount(pixels[:, idx[:, 0], idx[:, 1]].ravel(), minlength=n_lab).astype(float)
+                hits[0] = 0
+                cat = hits @ labelcat
+                intersect[u] += hits
+                for s in scalars:
+                    cat += labelcat[s]
+                    intersect[u, s] += len(idx)
+                activation[u] += len(idx) * (cat > 0)
+    return truth, intersect, activation
+
+
 def write_tally(df: pd.DataFrame, path: str | Path) -> Path:
     """Write tally.csv atomically (temp file in the same folder, then os.replace)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", newline="") as fh:
-            df.to_csv(fh, index=False)
-        os.chmod(tmp, 0o644)  # mkstemp's 0600 would surprise readers
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    with atomic_write(path, newline="") as handle:
+        df.to_csv(handle, index=False)
+    return Path(path)
 
 
 def read_tally(path: str | Path) -> pd.DataFrame:

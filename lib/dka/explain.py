@@ -18,9 +18,7 @@ import argparse
 import base64
 import html
 import io
-import os
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -30,6 +28,8 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from dka.atomic import write_text
 
 
 @dataclass
@@ -258,18 +258,7 @@ def render_report(
 
 def write_report(html_text: str, path: str | Path) -> Path:
     """Write the report atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(html_text)
-        os.chmod(tmp, 0o644)  # mkstemp's 0600 would surprise readers
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_text(path, html_text)
 
 
 def main(argv: list[str] | None = None) -> int:

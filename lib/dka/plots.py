@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 
+from dka.atomic import atomic_write, write_text
 from dka.progress import widget_frontend_available  # re-exported: the notebooks' widget switch
 
 # Figures are read in a README at ~700 px wide: ~120 dpi keeps a 6.4-inch figure at that size.
@@ -86,30 +86,13 @@ def model_palette(names: Sequence[str]) -> dict[str, tuple]:
 # --------------------------------------------------------------------------------------------
 
 
-def _atomic_target(path: str | os.PathLike) -> tuple[Path, str]:
-    """A temp file next to `path` (same filesystem, so os.replace is atomic) with normal permissions."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; results are ordinary, committed files
-    return path, tmp
-
-
 def save_figure(fig: matplotlib.figure.Figure, path: str | os.PathLike, dpi: int = DEFAULT_DPI) -> Path:
     """Write `fig` as PNG to `path` atomically (small file: ~120 dpi) and return the path."""
     path = Path(path)
     if path.suffix.lower() != ".png":
         raise ValueError(f"figures are written as PNG; got {path.name!r} — use a .png file name")
-    path, tmp = _atomic_target(path)
-    try:
-        fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight", metadata={"Software": None})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_write(path, "wb") as handle:
+        fig.savefig(handle, format="png", dpi=dpi, bbox_inches="tight", metadata={"Software": None})
     return path
 
 
@@ -139,27 +122,15 @@ def markdown_table(df: pd.DataFrame, floatfmt: str | Mapping[str, str] = ".2f", 
     return "\n".join(lines) + "\n"
 
 
-def _write_text_atomic(path: Path, text: str) -> Path:
-    path, tmp = _atomic_target(path)
-    try:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
-
-
 def save_table(df: pd.DataFrame, path_stem: str | os.PathLike, floatfmt: str | Mapping[str, str] = ".2f",
                title: str | None = None) -> tuple[Path, Path]:
     """Write `df` as `<stem>.csv` and `<stem>.md` (atomically); returns both paths."""
     stem = Path(path_stem)
     if stem.suffix in (".csv", ".md"):
         stem = stem.with_suffix("")
-    csv_path = _write_text_atomic(stem.with_suffix(".csv"), df.to_csv(index=False))
+    csv_path = write_text(stem.with_suffix(".csv"), df.to_csv(index=False))
     md = (f"**{title}**\n\n" if title else "") + markdown_table(df, floatfmt=floatfmt)
-    md_path = _write_text_atomic(stem.with_suffix(".md"), md)
+    md_path = write_text(stem.with_suffix(".md"), md)
     return csv_path, md_path
 
 
@@ -185,7 +156,7 @@ def save_json(obj, path: str | os.PathLike) -> Path:
         raise TypeError(f"cannot write {type(value).__name__} to JSON")
 
     text = json.dumps(plain(obj), indent=2, sort_keys=True, allow_nan=False)
-    return _write_text_atomic(Path(path), text + "\n")
+    return write_text(Path(path), text + "\n")
 
 
 # --------------------------------------------------------------------------------------------

@@ -49,6 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 from dka.progress import tqdm
 
+from dka.atomic import atomic_write
 from dka.checkpoint import load_checkpoint, model_payload, save_atomic, unwrap_model
 
 __all__ = ["PRESETS", "TrainConfig", "RunResult", "run", "main", "resolve_preset", "bf16_is_fast"]
@@ -582,13 +583,9 @@ def _check_fingerprint(state: dict, cfg: TrainConfig, path: Path) -> None:
 
 
 def _write_metrics(path: Path, metrics: list[dict]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as handle:
+    with atomic_write(path, fsync=True) as handle:
         for row in metrics:
             handle.write(json.dumps(row) + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 def _head_payload(model: nn.Module, epoch: int) -> dict:

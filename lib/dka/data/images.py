@@ -18,6 +18,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
+from dka.atomic import atomic_write
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CACHE_DIR = ".dka_cache"
@@ -99,10 +101,8 @@ def cached_decode(root: Path, name: str, paths: list[Path], labels: np.ndarray, 
         cache.parent.mkdir(exist_ok=True)
         for stale in cache.parent.glob(f"{name}-*.npz"):
             stale.unlink()
-        tmp = cache.with_name(f".{cache.name}.tmp-{os.getpid()}")
-        with open(tmp, "wb") as f:
+        with atomic_write(cache, "wb") as f:
             np.savez(f, images=images, labels=labels)
-        os.replace(tmp, cache)
     except OSError as err:
         warnings.warn(f"could not write the decode cache {cache} ({err}); keeping the images in memory only",
                       RuntimeWarning, stacklevel=2)
