@@ -95,6 +95,7 @@ _NOT_FINGERPRINTED = frozenset({
     "out", "data_root", "workers", "device", "progress", "compile", "threads",
     "save_head_epochs", "save_checkpoint_epochs",
 })
+_NAN_CHECK_EVERY = 50  # optimiser steps between host-side checks for a non-finite loss
 _ROUTING_BUDGET = 1 << 21  # products recomputed per internal layer per step for `never_routed` (~2 M)
 _SPARSITY_THRESHOLD = 1e-3
 
@@ -322,6 +323,21 @@ def _all_reduce(tensor: torch.Tensor, dist_ctx: _Dist, op: str = "sum") -> torch
 
         dist.all_reduce(tensor, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
     return tensor
+
+
+def _raise_if_diverged(first_bad_step: torch.Tensor, dist_ctx: _Dist, epoch: int, steps_per_epoch: int, bar,
+                       ckpt_path: Path | None, good_epoch: int) -> None:
+    """FloatingPointError naming the epoch and first step whose loss was not finite (on any rank)."""
+    diverged = _all_reduce((first_bad_step >= 0).to(torch.float32).reshape(1), dist_ctx, op="max")
+    if diverged.item() == 0:
+        return
+    bar.close()
+    step = int(first_bad_step.item())
+    where = f"step {step}/{steps_per_epoch}" if step >= 0 else "a step on another rank"
+    kept = (f"the last good checkpoint ({ckpt_path}, epoch {good_epoch}) is kept" if ckpt_path is not None
+            else "no checkpoint had been written yet")
+    raise FloatingPointError(
+        f"non-finite training loss at epoch {epoch} {where}; {kept} — lower --lr or check the input data")
 
 
 def _barrier(dist_ctx: _Dist) -> None:
@@ -737,6 +753,7 @@ def _run(cfg: TrainConfig, bundle, dist_ctx: _Dist) -> RunResult:
         lr_now = optimizer.param_groups[0]["lr"]
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         correct = torch.zeros((), dtype=torch.int64, device=device)
+        first_bad_step = torch.full((), -1, dtype=torch.int64, device=device)  # kept on device: no sync per step
         seen = 0
         bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}/{cfg.epochs}", leave=False, dynamic_ncols=True,
                    disable=not (dist_ctx.main and cfg.progress), mininterval=0.5 if sys.stderr.isatty() else 30.0)
@@ -748,14 +765,14 @@ def _run(cfg: TrainConfig, bundle, dist_ctx: _Dist) -> RunResult:
                 logits = train_model(images)
             loss = F.cross_entropy(logits.float(), labels)
             total = loss + cfg.l1 * bare.head.weight.abs().sum() if use_l1 else loss
-            check = _all_reduce(total.detach().clone().reshape(1), dist_ctx)
-            if not torch.isfinite(check).all():
-                bar.close()
-                kept = (f"the last good checkpoint ({ckpt_path}, epoch {start_epoch}) is kept" if state is not None
-                        else "no checkpoint had been written yet")
-                raise FloatingPointError(
-                    f"non-finite training loss ({total.item()}) at epoch {epoch} step {step}/{steps_per_epoch}; "
-                    f"{kept} — lower --lr or check the input data")
+            # A non-finite loss is recorded on the device and looked at every _NAN_CHECK_EVERY steps (and at
+            # the epoch's end): reading it every step would stall the GPU pipeline once per step. Nothing
+            # is saved before the check, so the last good checkpoint stays either way.
+            bad = ~torch.isfinite(total.detach())
+            first_bad_step = torch.where(bad & (first_bad_step < 0), step, first_bad_step)
+            if step % _NAN_CHECK_EVERY == 0 or step == steps_per_epoch:
+                _raise_if_diverged(first_bad_step, dist_ctx, epoch, steps_per_epoch, bar,
+                                   ckpt_path if state is not None else None, start_epoch)
             optimizer.zero_grad(set_to_none=True)
             total.backward()
             optimizer.step()
