@@ -51,7 +51,7 @@ MODELS = ["res18", "res18-d5a", "res18-d[32,32,5]a"]
 
 def _methods(interpret: bool):
     from dka.kernels import fused_dynamic_k_linear
-    from dka.layers import _DynamicKFunction
+    from dka._core import DynamicKFunction
 
     def dense(x, w, b, k):
         return F.linear(x, w, b)
@@ -60,7 +60,7 @@ def _methods(interpret: bool):
         return (x[:, None, :] * w).topk(k, -1).values.sum(-1) + b
 
     def pytorch(x, w, b, k):
-        return _DynamicKFunction.apply(x, w, b, k)
+        return DynamicKFunction.apply(x, w, b, k)
 
     return {"dense": dense, "direct": direct, "pytorch": pytorch, "fused": fused_dynamic_k_linear}
 

@@ -311,7 +311,7 @@ class TestGpuPaperShapes:
     def test_matches_pytorch_path(self, rows, n_out, n_in, k, dtype):
         from dka.kernels import fused_dynamic_k_linear
         from dka.kernels import triton_dynamic_k as tk
-        from dka.layers import _DynamicKFunction
+        from dka._core import DynamicKFunction
 
         gen = torch.Generator(device="cuda").manual_seed(0)
         x = torch.randn(rows, n_in, device="cuda", generator=gen).relu().to(dtype)
@@ -319,7 +319,7 @@ class TestGpuPaperShapes:
         b = torch.randn(n_out, device="cuda", generator=gen).to(dtype)
         g = torch.randn(rows, n_out, device="cuda", generator=gen).to(dtype)
         leaves = [t.float().requires_grad_() for t in (x, w, b)]
-        ref = _DynamicKFunction.apply(*leaves, k)  # fp32 on the same rounded values
+        ref = DynamicKFunction.apply(*leaves, k)  # fp32 on the same rounded values
         ref_grads = torch.autograd.grad(ref, leaves, g.float())
         fused_leaves = [t.clone().requires_grad_() for t in (x, w, b)]
         out = fused_dynamic_k_linear(*fused_leaves, k)

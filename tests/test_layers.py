@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-import dka.layers as layers
+import dka._core as core
 from dka.layers import DynamicKConv2d, DynamicKLinear, dynamic_k_linear, routed_indices
 
 
@@ -46,8 +46,8 @@ def test_chunking_does_not_change_results(monkeypatch):
     y = dynamic_k_linear(x, w, None, k)
     gx, gw = torch.autograd.grad(y.sum(), (x, w))
     # Force many tiny chunks in both passes, including chunking over outputs.
-    monkeypatch.setattr(layers, "_CHUNK_ELEMENTS", 30)
-    monkeypatch.setattr(layers, "_BACKWARD_CHUNK_ELEMENTS", 7)
+    monkeypatch.setattr(core, "CHUNK_ELEMENTS", 30)
+    monkeypatch.setattr(core, "BACKWARD_CHUNK_ELEMENTS", 7)
     y2 = dynamic_k_linear(x, w, None, k)
     gx2, gw2 = torch.autograd.grad(y2.sum(), (x, w))
     assert torch.equal(y, y2) and torch.equal(gx, gx2) and torch.equal(gw, gw2)

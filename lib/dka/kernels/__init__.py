@@ -142,9 +142,9 @@ def fused_dynamic_k_linear(x2d: Tensor, weight: Tensor, bias: Tensor | None, k: 
         bias = bias.to(dtype) if bias is not None else None
     _check(x2d, weight, bias, k)
     if k > MAX_FUSED_K or torch.are_deterministic_algorithms_enabled():
-        from dka.layers import _DynamicKFunction  # the PyTorch path (chunked, deterministic)
+        from dka._core import DynamicKFunction  # the PyTorch path (chunked, deterministic)
 
-        return _DynamicKFunction.apply(x2d, weight, bias, k)
+        return DynamicKFunction.apply(x2d, weight, bias, k)
     try:
         import triton  # noqa: F401
     except ImportError as err:
