@@ -23,12 +23,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dka import dissect as D
+from dka import dissection as D
 
 
 def loop_tally(features: np.ndarray, thresholds: np.ndarray, seg: np.ndarray, image_labels: np.ndarray,
                primary: np.ndarray, n_cat: int) -> float:
-    """Seconds taken by NetDissect-Lite's tally loop (dka.dissect.reference_tally_loop)."""
+    """Seconds taken by NetDissect-Lite's tally loop (dka.dissection.reference_tally_loop)."""
     start = time.perf_counter()
     D.reference_tally_loop(features, thresholds, seg, image_labels, primary, n_cat)
     return time.perf_counter() - start

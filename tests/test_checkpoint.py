@@ -9,7 +9,8 @@ import torch
 
 from dka import models
 from dka._compat import torchvision
-from dka.checkpoint import (convert_authors_state_dict, load_checkpoint, load_model, model_payload,
+from dka.models import load_model
+from dka.checkpoint import (convert_authors_state_dict, load_checkpoint, model_payload,
                             save_atomic)
 
 

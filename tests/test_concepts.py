@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 from dka import concepts as C
+from dka import plots
 
 
 def _tally(labels, scores):
@@ -72,11 +73,11 @@ def test_concept_recovery():
 
 
 def test_concept_graph_png(tmp_path):
-    path = C.concept_graph(W, TALLY, [0, 1], tmp_path / "fig6.png", class_names=["laptop", "beach"], top_units=3)
+    path = plots.concept_graph(W, TALLY, [0, 1], tmp_path / "fig6.png", class_names=["laptop", "beach"], top_units=3)
     with Image.open(path) as im:
         assert im.format == "PNG" and im.width > 500
     with pytest.raises(ValueError, match="out of range"):
-        C.concept_graph(W, TALLY, [7], tmp_path / "x.png")
+        plots.concept_graph(W, TALLY, [7], tmp_path / "x.png")
 
 
 def test_head_weight_from_model():

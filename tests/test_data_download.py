@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from dka.data import download
-from dka.data.__main__ import main as data_main
+from dka.cli.data import main as data_main
 
 
 def _broden_zip(path: Path, extra: dict | None = None) -> Path:
@@ -46,7 +46,7 @@ def test_unsafe_archives_are_refused(tmp_path):
 
 
 def test_cli_generates_scenes(tmp_path, capsys):
-    from dka.__main__ import main as dka_main
+    from dka.cli import main as dka_main
 
     assert dka_main(["data", "scenes", "--preset", "smoke", "--out", str(tmp_path / "s"), "--processes", "1"]) == 0
     assert (tmp_path / "s" / "class_concepts.csv").is_file()

@@ -12,7 +12,8 @@ import torch
 from PIL import Image
 from torch import nn
 
-from dka import dissect as D
+from dka import dissection as D
+from dka.cli.dissect import main as dissect_main
 
 SHARED = Path(os.environ.get("DKA_SHARED_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
 REFERENCE_TALLY = SHARED / "reference" / "dka_resnet18_d5a_places365_layer4_tally.csv"
@@ -198,7 +199,7 @@ def test_threshold_on_known_distribution():
 
 def test_strict_float32_threshold():
     thr = np.array([0.1, 1.0, 1 / 3, -0.7])
-    t32 = D._strict_float32_threshold(thr)
+    t32 = D.thresholds.strict_float32_threshold(thr)
     for t, t64 in zip(t32, thr):
         up = np.nextafter(t, np.float32(np.inf))
         assert float(t) <= t64 < float(up) or float(t) == t64
@@ -405,7 +406,7 @@ def test_cli_writes_tally(scenes_smoke, tmp_path):
 
     model = build("res18-d2a", num_classes=4, stem="cifar", width=4)
     save_atomic(model_payload(model), tmp_path / "final.pt")
-    rc = D.main(["--checkpoint", str(tmp_path / "final.pt"), "--layer", "layer4", "--data", str(scenes_smoke),
+    rc = dissect_main(["--checkpoint", str(tmp_path / "final.pt"), "--layer", "layer4", "--data", str(scenes_smoke),
                  "--out", str(tmp_path / "dissect"), "--workers", "0", "--device", "cpu"])
     assert rc == 0
     tally = D.read_tally(tmp_path / "dissect" / "tally.csv")

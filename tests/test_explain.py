@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from dka import explain as E
+from dka import report
 from dka.models import build
 
 
@@ -90,9 +91,9 @@ def test_table_and_html_report(models, images, tmp_path):
     table = E.explanation_table(a, tally, n=2, class_names=[f"c{i}" for i in range(6)])
     assert len(table) == 8 and set(table["concept"]) <= set(tally["label"])
     assert (table["concept"] == table["unit"].map(lambda u: f"concept{u}")).all()
-    text = E.render_report(images, {"res18-d3a": (a, tally), "res18": (b, None)}, [f"c{i}" for i in range(6)],
+    text = report.render_report(images, {"res18-d3a": (a, tally), "res18": (b, None)}, [f"c{i}" for i in range(6)],
                            n=2, labels=[0, 1, 2, 3])
-    path = E.write_report(text, tmp_path / "report.html")
+    path = report.write_report(text, tmp_path / "report.html")
     body = path.read_text()
     assert body.count("<tr>") == 5  # header + 4 images
     assert body.count("data:image/png;base64,") == 4 * (1 + 2 + 2)

@@ -19,7 +19,7 @@ from dka.models import build, parse_name
 )
 def test_parse_name(name, head_k, internal, l1):
     spec = parse_name(name)
-    assert (spec.head_k, spec.internal_k, spec.l1) == (head_k, internal, l1)
+    assert (spec.head_k, spec.internal_k, spec.l1_head) == (head_k, internal, l1)
 
 
 @pytest.mark.parametrize("bad", ["res34", "res18-d5", "resnet18", "res18-dxa", "res50-d[1,2,3]a", "res18-d0a", ""])
@@ -86,7 +86,7 @@ def test_k_larger_than_the_layer_is_a_clear_error():
 
 def test_l1_model_has_a_dense_head():
     model = build("res18-l1", 10, width=8)
-    assert type(model.head) is nn.Linear and model.spec.l1 and model.dynamic_layers() == {}
+    assert type(model.head) is nn.Linear and model.spec.l1_head and model.dynamic_layers() == {}
 
 
 def test_training_step_with_bf16_autocast_and_channels_last():

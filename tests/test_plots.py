@@ -14,7 +14,7 @@ import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from dka import plots  # noqa: E402
+from dka import plots, progress, results  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -58,18 +58,18 @@ def _texts(fig):
 
 
 def test_metrics_frame_takes_head_entry_of_layer_dicts():
-    frame = plots.metrics_frame(_runs())
+    frame = results.metrics_frame(_runs())
     assert list(frame["model"].unique()) == ["res18", "res18-d5a"]
     assert frame.loc[frame["model"] == "res18-d5a", "never_routed"].tolist() == pytest.approx([0.2, 0.4, 0.6])
     assert frame.loc[frame["model"] == "res18", "never_routed"].isna().all()
     assert frame["sparsity"].tolist() == pytest.approx([0.1, 0.2, 0.3] * 2)
     with pytest.raises(ValueError, match="empty"):
-        plots.metrics_frame({"res18": []})
+        results.metrics_frame({"res18": []})
 
 
 def test_save_figure_writes_small_png_atomically(tmp_path):
-    fig = plots.accuracy_curves(plots.metrics_frame(_runs()))
-    path = plots.save_figure(fig, tmp_path / "sub" / "acc.png")
+    fig = plots.accuracy_curves(results.metrics_frame(_runs()))
+    path = results.save_figure(fig, tmp_path / "sub" / "acc.png")
     data = path.read_bytes()
     assert data[:8] == PNG_MAGIC
     assert 5_000 < len(data) < 400_000
@@ -77,11 +77,11 @@ def test_save_figure_writes_small_png_atomically(tmp_path):
     width, height = Image.open(path).size
     assert 600 < width < 1800 and 200 < height < 900
     with pytest.raises(ValueError, match="PNG"):
-        plots.save_figure(fig, tmp_path / "acc.pdf")
+        results.save_figure(fig, tmp_path / "acc.pdf")
 
 
 def test_accuracy_curves_labels_every_model_and_split():
-    fig = plots.accuracy_curves(plots.metrics_frame(_runs()), title="Fig. 4(a)")
+    fig = plots.accuracy_curves(results.metrics_frame(_runs()), title="Fig. 4(a)")
     texts = _texts(fig)
     assert "train" in texts and "test" in texts
     assert "res18" in texts and "res18-d5a" in texts
@@ -112,7 +112,7 @@ def test_weight_heatmaps_one_panel_per_model():
 
 
 def test_sparsity_curves_name_the_measure():
-    frame = plots.metrics_frame(_runs())
+    frame = results.metrics_frame(_runs())
     fig = plots.sparsity_curves(frame, measure="small")
     assert any("|w| < 1e-3" in t for t in _texts(fig))
     fig = plots.sparsity_curves(frame, measure="never_routed")
@@ -132,7 +132,7 @@ def test_paper_comparison_bars_prints_both_values():
 
 
 def test_sweep_dashboard_shows_both_sparsities():
-    frame = plots.metrics_frame(_runs())
+    frame = results.metrics_frame(_runs())
     weights = {"res18-d5a": np.ones((10, 32)), "res18": -np.ones((10, 32))}
     fig = plots.sweep_dashboard(weights, frame, {"res18-d5a": {"small": 0.25, "never_routed": 0.5},
                                                  "res18": {"small": 0.0, "never_routed": float("nan")}},
@@ -145,18 +145,18 @@ def test_sweep_dashboard_shows_both_sparsities():
 
 def test_widget_frontend_is_off_outside_a_kernel(monkeypatch):
     monkeypatch.delenv("DKA_WIDGETS", raising=False)
-    assert plots.widget_frontend_available() is False  # pytest: no IPython kernel
+    assert progress.widget_frontend_available() is False  # pytest: no IPython kernel
     monkeypatch.setenv("DKA_WIDGETS", "1")
-    assert plots.widget_frontend_available() is True
+    assert progress.widget_frontend_available() is True
 
 
 def test_tables_and_json_are_written(tmp_path):
     df = pd.DataFrame({"model": ["res18", "res18-d5a"], "top1": [80.123, np.nan], "paper": [95.10, 95.12]})
-    csv_path, md_path = plots.save_table(df, tmp_path / "table1", title="Table 1")
+    csv_path, md_path = results.save_table(df, tmp_path / "table1", title="Table 1")
     assert pd.read_csv(csv_path).shape == (2, 3)
     md = md_path.read_text()
     assert "**Table 1**" in md and "| res18 | 80.12 | 95.10 |" in md and "| res18-d5a | – | 95.12 |" in md
-    path = plots.save_json({"top1": np.float32(0.5), "n": np.int64(3)}, tmp_path / "m.json")
+    path = results.save_json({"top1": np.float32(0.5), "n": np.int64(3)}, tmp_path / "m.json")
     assert json.loads(path.read_text()) == {"n": 3, "top1": 0.5}
 
 
@@ -188,9 +188,9 @@ def test_save_json_writes_strict_json(tmp_path):
 
     import numpy as _np
 
-    from dka import plots as _plots
+    from dka import results as _results
 
-    path = _plots.save_json({"a": float("nan"), "b": _np.float32(0.5), "c": [_np.int64(3), float("inf")],
+    path = _results.save_json({"a": float("nan"), "b": _np.float32(0.5), "c": [_np.int64(3), float("inf")],
                              "d": _np.arange(2)}, tmp_path / "m.json")
     text = path.read_text()
     assert "NaN" not in text and "Infinity" not in text

@@ -17,7 +17,9 @@ import torch
 from torch.utils.data import Dataset, TensorDataset
 
 from dka import models, train
-from dka.checkpoint import load_checkpoint, load_model
+from dka.cli.train import main as train_main
+from dka.checkpoint import load_checkpoint
+from dka.models import load_model
 from dka.layers import routed_indices
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -206,33 +208,35 @@ def test_routing_tracker_marks_exactly_the_selected_weights():
         for c in range(5):
             expected[c, idx[b, c]] = True
     assert torch.equal(tracker.used["head"], expected)
-    assert tracker.never_routed(train._Dist())["head"] == pytest.approx(
+    assert tracker.never_routed(train.DistContext())["head"] == pytest.approx(
         1 - expected.float().mean().item())
 
 
 # ------------------------------------------------------------------------------------------ resume
 
 _SCRIPT = textwrap.dedent("""
-    import json, sys
+    import json, os, signal, sys
     sys.path.insert(0, {tests!r})
     from test_train import tiny_bundle, tiny_config
     from dka import train
     from test_train import RandomFlip
     overrides = json.loads(sys.argv[2])
+    kill_after = int(sys.argv[3])
     bundle = tiny_bundle(n_train=128, seed=3)
     bundle.train = RandomFlip(bundle.train)
-    train.run(tiny_config(sys.argv[1], **overrides), bundle=bundle)
+
+    def on_step(steps):  # dies exactly like `kill -9` after `kill_after` optimiser steps
+        if kill_after and steps >= kill_after:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    train.run(tiny_config(sys.argv[1], **overrides), bundle=bundle, on_step=on_step)
 """)
 
 
 def _run_script(tmp_path, out, overrides, kill_after=None):
     script = tmp_path / "train_script.py"
     script.write_text(_SCRIPT.format(tests=str(ROOT / "tests")))
-    env = dict(os.environ)
-    env.pop("DKA_TRAIN_KILL_AFTER_STEPS", None)
-    if kill_after:
-        env["DKA_TRAIN_KILL_AFTER_STEPS"] = str(kill_after)
-    return subprocess.run([sys.executable, str(script), str(out), json.dumps(overrides)], env=env,
+    return subprocess.run([sys.executable, str(script), str(out), json.dumps(overrides), str(kill_after or 0)],
                           capture_output=True, text=True, timeout=300)
 
 
@@ -311,11 +315,11 @@ def test_cli_trains_on_generated_scenes_smoke(tmp_path):
     out = tmp_path / "run"
     argv = ["--model", "res18-d5a", "--data", "scenes-smoke", "--data-root", str(tmp_path / "scenes"),
             "--preset", "smoke", "--width", "4", "--out", str(out), "--no-progress", "--threads", "1"]
-    assert train.main(argv) == 0
+    assert train_main(argv) == 0
     metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in metrics] == [1, 2]
     assert set(metrics[-1]["never_routed"]) == {"head"}
     model = load_model(out / "final.pt")
     assert model.build_kwargs["name"] == "res18-d5a" and model.head.k == 5
-    assert train.main(argv) == 0  # finished: returns the stored result
+    assert train_main(argv) == 0  # finished: returns the stored result
     assert [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()] == metrics

@@ -7,8 +7,11 @@ tensors and plain containers (`weights_only=True`), so a checkpoint from elsewhe
 
 File kinds written by `dka.train` (see the run-directory layout in the brief):
 - model-only (`final.pt`, `checkpoint_epochEEE.pt`): ``{"build_kwargs": {...}, "state_dict": {...},
-  "epoch": int}`` — `load_model` rebuilds the network with `dka.models.build(**build_kwargs)`.
-- full training state (`checkpoint.pt`): the above plus optimiser, scheduler, RNG states, metrics.
+  "epoch": int}`` — `dka.models.load_model` rebuilds the network with `dka.models.build(**build_kwargs)`.
+- full training state (`checkpoint.pt`): the same keys plus optimiser, scheduler, RNG states, metrics
+  (so `load_model` reads it too).
+
+This module reads and writes files only; it never imports the model registry (`dka.models` imports it).
 - head snapshots (`head_epochEEE.pt`): ``{"epoch", "layer", "weight", "bias"}``.
 """
 
@@ -23,7 +26,10 @@ import torch
 
 from dka.atomic import atomic_write
 
-__all__ = ["save_atomic", "load_checkpoint", "load_model", "convert_authors_state_dict", "model_payload"]
+__all__ = ["save_atomic", "load_checkpoint", "model_payload", "model_only", "unwrap_model", "strip_wrapper_prefixes",
+           "convert_authors_state_dict", "MODEL_KEYS"]
+
+MODEL_KEYS = ("build_kwargs", "state_dict", "epoch")
 
 # Prefixes that wrappers add in front of every parameter name: nn.DataParallel / DDP (`module.`)
 # and torch.compile (`_orig_mod.`). A state_dict meant for a bare DKAResNet has neither.
@@ -58,7 +64,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
         ) from err
 
 
-def _strip_wrapper_prefixes(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+def strip_wrapper_prefixes(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     out = {}
     for key, value in state_dict.items():
         changed = True
@@ -72,13 +78,23 @@ def _strip_wrapper_prefixes(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def model_payload(model: torch.nn.Module, epoch: int | None = None) -> dict:
-    """The model-only checkpoint dict for `model` (unwrapped from DDP / torch.compile first)."""
+def model_payload(model: torch.nn.Module, epoch: int | None = None, **extra: Any) -> dict:
+    """The one checkpoint payload: ``{"build_kwargs", "state_dict", "epoch", **extra}``.
+
+    `model` is unwrapped from DDP / torch.compile first and its tensors copied to the CPU. Training adds
+    its resumable state through `extra` (optimiser, scheduler, RNG states, metrics); `model_only` cuts a
+    payload back to the part `dka.models.load_model` reads.
+    """
     bare = unwrap_model(model)
     if not hasattr(bare, "build_kwargs"):
         raise TypeError("model_payload needs a dka.models network (it has no `build_kwargs` to rebuild it)")
     state = {k: v.detach().cpu().clone() for k, v in bare.state_dict().items()}
-    return {"build_kwargs": dict(bare.build_kwargs), "state_dict": state, "epoch": epoch}
+    return {"build_kwargs": dict(bare.build_kwargs), "state_dict": state, "epoch": epoch, **extra}
+
+
+def model_only(payload: Mapping[str, Any]) -> dict:
+    """The model part of a payload (what final.pt and checkpoint_epochEEE.pt hold)."""
+    return {key: payload[key] for key in MODEL_KEYS}
 
 
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
@@ -90,25 +106,6 @@ def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
             model = model.module
         else:
             return model
-
-
-def load_model(path: str | os.PathLike, map_location: Any = "cpu"):
-    """Rebuild a DKAResNet from a dka checkpoint (`final.pt`, `checkpoint_epochEEE.pt` or
-    `checkpoint.pt`) and load its weights; returned in eval mode on `map_location`."""
-    from dka import models
-
-    payload = load_checkpoint(path, map_location=map_location)
-    if not isinstance(payload, Mapping) or "build_kwargs" not in payload or "state_dict" not in payload:
-        raise ValueError(
-            f"{path} is not a dka model checkpoint (needs keys 'build_kwargs' and 'state_dict'); for the "
-            "authors' released weights use dka.checkpoint.convert_authors_state_dict and "
-            "model.load_state_dict"
-        )
-    model = models.build(**payload["build_kwargs"])
-    model.load_state_dict(_strip_wrapper_prefixes(payload["state_dict"]))
-    if map_location is not None and not callable(map_location) and not isinstance(map_location, Mapping):
-        model = model.to(map_location)
-    return model.eval()
 
 
 def convert_authors_state_dict(state_dict: Mapping[str, Any]) -> dict[str, Any]:
@@ -129,7 +126,7 @@ def convert_authors_state_dict(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     if "state_dict" in state_dict and isinstance(state_dict["state_dict"], Mapping):
         state_dict = state_dict["state_dict"]
     converted = {}
-    for key, value in _strip_wrapper_prefixes(state_dict).items():
+    for key, value in strip_wrapper_prefixes(state_dict).items():
         for old in ("rfc.", "fc."):
             if key.startswith(old):
                 key = "head." + key[len(old):]

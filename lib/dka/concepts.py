@@ -32,7 +32,10 @@ import pandas as pd
 import torch
 from torch import nn
 
-from dka.dissect import INTERPRETABLE_IOU
+from dka.dissection import INTERPRETABLE_IOU, unit_labels
+
+__all__ = ["DEFAULT_SHARE", "head_weight", "covering_units", "class_units", "class_concepts", "share_within",
+           "read_class_concepts", "concept_recovery", "recovery_summary"]
 
 DEFAULT_SHARE = 0.8
 
@@ -50,14 +53,6 @@ def head_weight(model_or_weight) -> np.ndarray:
     if w.ndim != 2:
         raise ValueError(f"final-layer weight must be (classes, units), got shape {w.shape}")
     return w
-
-
-def _unit_table(tally: pd.DataFrame, units: int) -> pd.DataFrame:
-    t = tally.set_index("unit")[["label", "category", "score"]]
-    if t.index.min() < 1 or t.index.max() > units:
-        raise ValueError(f"tally units run {t.index.min()}..{t.index.max()}; the final layer has {units} inputs "
-                         "(tally units are 1-based): was the tally made for this model's last layer?")
-    return t.reindex(range(1, units + 1))
 
 
 def covering_units(weight_row: np.ndarray, share: float = DEFAULT_SHARE) -> np.ndarray:
@@ -80,7 +75,7 @@ def class_units(
 ) -> pd.DataFrame:
     """Per class, its units ranked by final-layer weight, with concept labels and IoUs (long table)."""
     w = head_weight(model_or_weight)
-    units = _unit_table(tally, w.shape[1])
+    units = unit_labels(tally, w.shape[1])
     pos_mass = np.clip(w, 0, None).sum(axis=1)
     rows = []
     for c in range(w.shape[0]):
@@ -105,7 +100,7 @@ def class_concepts(
 ) -> pd.DataFrame:
     """Per class: covering units, its concepts and their number (definitions in the module docstring)."""
     w = head_weight(model_or_weight)
-    units = _unit_table(tally, w.shape[1])
+    units = unit_labels(tally, w.shape[1])
     rows = []
     for c in range(w.shape[0]):
         cover = covering_units(w[c], share)
@@ -171,87 +166,3 @@ def recovery_summary(recovery: pd.DataFrame) -> dict:
     """Mean precision and recall over classes."""
     return {"precision": float(recovery["precision"].mean()), "recall": float(recovery["recall"].mean()),
             "classes": int(len(recovery))}
-
-
-def concept_graph(
-    model_or_weight,
-    tally: pd.DataFrame,
-    classes: Sequence[int],
-    path: str | Path,
-    class_names: Sequence[str] | None = None,
-    top_units: int = 5,
-    title: str | None = None,
-    source_label: str = "class",
-) -> Path:
-    """The paper's Fig. 6: class -> unit -> concept graph as a PNG.
-
-    Left: the chosen classes (or, with `source_label`, any outputs of the weight matrix, e.g. the
-    units of an internal 1x1 layer); middle: each one's `top_units` units by weight (edge width ∝
-    weight, red for negative); right: the units' concepts, each unit edge labelled with its IoU.
-    Drawn on a bare Figure, not through pyplot, so it never touches the caller's backend.
-    """
-    from matplotlib.figure import Figure
-
-    from dka.plots import save_figure
-
-    w = head_weight(model_or_weight)
-    units = _unit_table(tally, w.shape[1])
-    classes = list(classes)
-    if not classes:
-        raise ValueError("choose at least one class")
-    bad = [c for c in classes if not 0 <= c < w.shape[0]]
-    if bad:
-        raise ValueError(f"classes {bad} out of range 0..{w.shape[0] - 1}")
-    edges = []  # (class, unit, weight)
-    chosen_units: list[int] = []
-    for c in classes:
-        for u in np.argsort(-w[c], kind="stable")[:top_units]:
-            edges.append((c, int(u), float(w[c, u])))
-            if u not in chosen_units:
-                chosen_units.append(int(u))
-    concepts: list[str] = []
-    for u in chosen_units:
-        lab = str(units.loc[u + 1, "label"])
-        if lab not in concepts:
-            concepts.append(lab)
-
-    def ys(n):
-        return np.linspace(1, 0, n) if n > 1 else np.array([0.5])
-
-    y_cls = dict(zip(classes, ys(len(classes))))
-    y_unit = dict(zip(chosen_units, ys(len(chosen_units))))
-    y_con = dict(zip(concepts, ys(len(concepts))))
-    height = max(4.0, 0.35 * max(len(chosen_units), len(concepts), len(classes)))
-    fig = Figure(figsize=(10, height))
-    ax = fig.add_subplot()
-    wmax = max(abs(e[2]) for e in edges) or 1.0
-    for c, u, wt in edges:
-        ax.plot([0, 1], [y_cls[c], y_unit[u]], color="tab:blue" if wt >= 0 else "tab:red",
-                lw=0.3 + 5 * abs(wt) / wmax, alpha=0.7, zorder=1)
-    for u in chosen_units:
-        info = units.loc[u + 1]
-        iou = float(info["score"])
-        ax.plot([1, 2], [y_unit[u], y_con[str(info["label"])]], color="grey", lw=0.3 + 8 * min(iou, 0.5),
-                alpha=0.6, zorder=1)
-        ax.text(1.5, (y_unit[u] + y_con[str(info["label"])]) / 2, f"IoU {iou:.2f}", fontsize=7, ha="center",
-                va="bottom", color="dimgrey")
-    name = (lambda c: class_names[c]) if class_names is not None else (lambda c: f"{source_label} {c}")  # noqa: E731
-    ax.scatter([0] * len(classes), [y_cls[c] for c in classes], s=120, color="tab:orange", zorder=2)
-    ax.scatter([1] * len(chosen_units), [y_unit[u] for u in chosen_units], s=60, color="tab:blue", zorder=2)
-    ax.scatter([2] * len(concepts), [y_con[k] for k in concepts], s=80, color="tab:green", zorder=2)
-    for c in classes:
-        ax.text(-0.05, y_cls[c], name(c), ha="right", va="center", fontsize=10)
-    for u in chosen_units:
-        ax.text(1, y_unit[u] + 0.02, f"unit {u + 1}", ha="center", va="bottom", fontsize=8)
-    for k in concepts:
-        ax.text(2.05, y_con[k], k, ha="left", va="center", fontsize=10)
-    ax.set_xlim(-0.8, 2.8)
-    ax.set_ylim(-0.08, 1.08)
-    ax.set_xticks([0, 1, 2], [source_label, "unit (line width = weight)", "concept"])
-    ax.set_yticks([])
-    for side in ("left", "right", "top"):
-        ax.spines[side].set_visible(False)
-    if title:
-        ax.set_title(title)
-    fig.tight_layout()
-    return save_figure(fig, path, dpi=130)

@@ -1,44 +1,123 @@
-"""Train the model list of one params.yaml section: the glue between the notebooks and `dka.train`.
+"""The notebook glue: set a notebook up from params.yaml, train a section's models, the K slider.
 
-Notebooks 01, 02 and 05 each train a list of registry models with one recipe (`<profile>.<section>`
-in params.yaml: `models`, `dataset`, `root`, `train` = TrainConfig fields, optional per-model
-`overrides`) under the profile's `runtime` settings. Finished runs are reused and interrupted ones
-resume (dka.train's contract); with `runtime.nproc_per_node > 1` each model trains under torchrun
-(DDP) in child processes and the finished run is then read back.
+Each notebook is narrative plus a few calls into this module, so that what the notebooks compute is
+library code under test:
+
+- `setup(profile, stage, section)` finds the project root, reads the profile's settings and returns a
+  `Stage` (settings, results folder, runs folder);
+- `train_models(stage, bundle)` trains every model of the section with its recipe (`train:` =
+  `dka.train.TrainConfig` fields, optional per-model `overrides`) under the profile's `runtime`;
+  finished runs are reused and interrupted ones resume; with `runtime.nproc_per_node > 1` each model
+  trains under torchrun (DDP) in child processes and the finished run is then read back;
+- `checkpoints(run_dir)` lists a run's per-epoch checkpoints by the epoch their payload records;
+- `shared_data()` finds the optional ../shared/data folder of real files;
+- `k_slider(...)` / `interactive_figure(...)` show a figure, static when headless, with widgets in Jupyter.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
-from dka import train
+import yaml
 
-__all__ = ["train_models", "torchrun_argv", "final_sparsity"]
+from dka import plots, train
+from dka.checkpoint import load_checkpoint
+from dka.progress import widget_frontend_available
+
+__all__ = ["Stage", "setup", "project_root", "train_models", "torchrun_argv", "final_sparsity", "checkpoints",
+           "shared_data", "interactive_figure", "k_slider"]
+
+
+@dataclass(frozen=True)
+class Stage:
+    """What one notebook of one profile works with.
+
+    Attributes:
+        profile: the params.yaml section (smoke, demo, paper, ...).
+        name: the notebook / DVC stage, e.g. "01_cifar".
+        root: the project root (the folder holding dvc.yaml).
+        params: the whole profile section.
+        config: this notebook's part of it (e.g. `params[profile]["cifar"]`).
+        runtime: the profile's `runtime` settings (device, workers, amp, seed, ...).
+        out: `results/<profile>/<stage>/` — figures, tables, metrics (kept in git).
+        runs: `runs/<profile>/<stage>/` — checkpoints (DVC cache, ignored by git).
+    """
+
+    profile: str
+    name: str
+    root: Path
+    params: dict
+    config: dict
+    runtime: dict
+    out: Path
+    runs: Path
+
+    def path(self, relative: str | os.PathLike) -> Path:
+        """A path of params.yaml (relative to the project root) made absolute."""
+        return self.root / relative
+
+    def runs_of(self, stage: str) -> Path:
+        """`runs/<profile>/<stage>/` of another notebook of this profile (e.g. 03 reads 02's runs)."""
+        return self.root / "runs" / self.profile / stage
+
+
+def project_root(start: Path | None = None) -> Path:
+    """The folder holding dvc.yaml, searched upwards from `start` (default: the working directory)."""
+    start = Path(start or Path.cwd()).resolve()
+    for folder in (start, *start.parents):
+        if (folder / "dvc.yaml").is_file():
+            return folder
+    raise FileNotFoundError(f"no dvc.yaml in {start} or above: run the notebook from inside the dka project")
+
+
+def setup(profile: str, stage: str, section: str, params_file: str = "params.yaml") -> Stage:
+    """Read `<profile>.<section>` of params.yaml, create the results folder, apply the figure style.
+
+    Args:
+        profile: a section of params.yaml (the notebook's papermill parameter).
+        stage: the notebook's name, e.g. "02_places_sweep".
+        section: the key of the profile this notebook reads, e.g. "places".
+        params_file: the settings file, relative to the project root.
+    """
+    root = project_root()
+    params = yaml.safe_load((root / params_file).read_text())
+    profiles = [k for k, v in params.items() if isinstance(v, dict)]
+    if profile not in profiles:
+        raise KeyError(f"profile {profile!r} is not a section of {params_file}; choose one of {profiles}")
+    if section not in params[profile]:
+        raise KeyError(f"{params_file} has no {profile}.{section} section (notebook {stage} reads it)")
+    out = root / "results" / profile / stage
+    out.mkdir(parents=True, exist_ok=True)
+    plots.use_style()
+    print(f"profile {profile}: results -> {out.relative_to(root)}")
+    return Stage(profile=profile, name=stage, root=root, params=params[profile], config=params[profile][section],
+                 runtime=params[profile]["runtime"], out=out, runs=root / "runs" / profile / stage)
 
 
 def torchrun_argv(config: train.TrainConfig, nproc: int) -> list[str]:
     """The `torchrun -m dka train ...` command line that runs `config` on `nproc` processes."""
-    argv = []
-    for key, value in vars(config).items():
-        flag = "--" + key.replace("_", "-")
-        if isinstance(value, bool):
-            argv.append(flag if value else "--no-" + flag[2:])
-        elif value is not None:
-            argv += [flag, ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)]
-    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "-m", "dka", "train", *argv]
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "-m", "dka", "train",
+            *train.config_to_argv(config)]
 
 
-def train_models(section: Mapping[str, Any], runtime: Mapping[str, Any], runs_dir: str | Path,
-                 root: str | Path, bundle=None) -> dict[str, train.RunResult]:
-    """Train every model of `section` in order; returns model name -> RunResult.
+def train_models(section: Mapping[str, Any] | Stage, runtime: Mapping[str, Any] | None = None,
+                 runs_dir: str | Path | None = None, root: str | Path | None = None,
+                 bundle=None) -> dict[str, train.RunResult]:
+    """Train every model of a params.yaml section in order; returns model name -> RunResult.
 
-    `runs_dir/<model>/` holds each run; `root` is the project root that `section["root"]` is
-    relative to; `bundle` (a dka.data.DataBundle) is shared by all models when given.
+    Call it as ``train_models(stage, bundle)`` from a notebook, or with the section's pieces
+    (``section, runtime, runs_dir, root``). `runs_dir/<model>/` holds each run; `root` is the folder
+    `section["root"]` is relative to; `bundle` (a dka.data.DataBundle) is shared by all models.
     """
+    if isinstance(section, Stage):
+        stage, bundle = section, runtime if bundle is None else bundle
+        section, runtime, runs_dir, root = stage.config, stage.runtime, stage.runs, stage.root
     runs_dir = Path(runs_dir)
     if runtime.get("fresh_runs") and runs_dir.exists():
         shutil.rmtree(runs_dir)
@@ -61,3 +140,58 @@ def final_sparsity(result: train.RunResult) -> dict[str, float]:
     last = result.metrics[-1]
     return {"small": float(last["sparsity"]["head"]),
             "never_routed": float(last.get("never_routed", {}).get("head", float("nan")))}
+
+
+def checkpoints(run_dir: str | Path) -> dict[int, Path]:
+    """A run's per-epoch model checkpoints (`checkpoint_epochEEE.pt`), keyed by the epoch each records."""
+    found = {}
+    for path in sorted(Path(run_dir).glob("checkpoint_epoch*.pt")):
+        found[int(load_checkpoint(path)["epoch"])] = path
+    return dict(sorted(found.items()))
+
+
+def shared_data() -> Path | None:
+    """The optional folder of real data beside the project (``$DKA_SHARED_DATA`` or ../shared/data)."""
+    path = Path(os.environ.get("DKA_SHARED_DATA") or project_root().parent / "shared" / "data")
+    return path if path.is_dir() else None
+
+
+def interactive_figure(draw: Callable[..., Any], options: Mapping[str, Sequence], defaults: Mapping[str, Any],
+                       sliders: Sequence[str] = (), save_to: str | Path | None = None):
+    """A figure redrawn from widgets: static where no widget frontend renders them (papermill, nbval).
+
+    Args:
+        draw: ``draw(**choice) -> Figure`` for one choice of every control.
+        options: control name -> its choices (values, or (label, value) pairs).
+        defaults: control name -> the value drawn first (and saved to `save_to`).
+        sliders: controls shown as a slider (the others as drop-downs).
+        save_to: where the default view is saved as PNG.
+    """
+    import matplotlib.pyplot as plt
+
+    from dka.results import save_figure
+
+    fig = draw(**defaults)
+    if save_to is not None:
+        save_figure(fig, save_to)
+    plt.show()
+    if not widget_frontend_available():
+        return None
+    import ipywidgets as widgets
+
+    def redraw(**choice):
+        draw(**choice)
+        plt.show()
+
+    controls = {}
+    for name, choices in options.items():
+        kind = widgets.SelectionSlider if name in sliders else widgets.Dropdown
+        controls[name] = kind(options=list(choices), value=defaults[name], description=name.replace("_", " "))
+    return widgets.interact(redraw, **controls)
+
+
+def k_slider(draw: Callable[..., Any], ks: Sequence[int], k_default: int, compare: Sequence[str],
+             compare_default: str, save_to: str | Path | None = None):
+    """The K-sweep view: ``draw(K, compare_with) -> Figure`` with a K slider and a model chooser."""
+    return interactive_figure(draw, {"K": sorted(ks), "compare_with": list(compare)},
+                              {"K": k_default, "compare_with": compare_default}, sliders=("K",), save_to=save_to)

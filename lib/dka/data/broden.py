@@ -19,6 +19,8 @@ from torch.utils.data import Dataset
 
 from dka.data.images import IMAGENET_MEAN, IMAGENET_STD, CorruptImageError, load_rgb
 
+__all__ = ["BrodenDataset", "DEFAULT_CATEGORIES", "CAFFE_BGR_MEAN", "CAFFE_SCALE", "how_to_get"]
+
 DEFAULT_CATEGORIES = ("color", "object", "part", "scene", "texture")
 # NetDissect-Lite: images are turned to BGR, this BGR mean is subtracted, the channels are flipped back to
 # RGB and the result is divided by 255 * 0.224 (loadseg.normalize_image + feature_operation).

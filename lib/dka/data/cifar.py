@@ -13,6 +13,9 @@ import numpy as np
 
 from dka.data.images import InMemoryImages, cached_decode
 
+__all__ = ["datasets", "load_split", "detect_format", "folder_samples", "how_to_get", "CLASSES", "MEAN", "STD",
+           "IMAGE_EXTENSIONS"]
+
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 MEAN = (0.4914, 0.4822, 0.4465)
 STD = (0.2470, 0.2435, 0.2616)

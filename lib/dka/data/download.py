@@ -15,6 +15,9 @@ import urllib.request
 import zipfile
 from pathlib import Path
 
+__all__ = ["download_cifar10", "download_places365", "download_broden", "fetch", "extract", "verify",
+           "file_digest", "ChecksumError", "BRODEN_URL", "PLACES365_EASY_URL"]
+
 BRODEN_URL = "http://netdissect.csail.mit.edu/data/broden1_224.zip"
 PLACES365_EASY_URL = "http://data.csail.mit.edu/places/places365/places365standard_easyformat.tar"
 # Published checksums (algorithm, hex digest); None where the source publishes none.

@@ -20,6 +20,9 @@ from torch.utils.data import Dataset
 
 from dka.atomic import atomic_write
 
+__all__ = ["InMemoryImages", "CorruptImageError", "load_rgb", "decode_files", "cached_decode", "pass_batch",
+           "IMAGENET_MEAN", "IMAGENET_STD", "CACHE_DIR"]
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CACHE_DIR = ".dka_cache"

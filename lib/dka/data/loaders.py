@@ -12,10 +12,12 @@ from torch.utils.data import DataLoader
 from dka.data import cifar, places, scenes
 from dka.data.images import IMAGENET_MEAN, IMAGENET_STD, InMemoryImages, cached_decode, pass_batch
 
+__all__ = ["build_loaders", "DataBundle", "DATASETS", "RECOMMENDED_STEMS", "scenes_datasets", "ensure_scenes"]
+
 DATASETS = ("cifar10", "places365", "scenes-smoke", "scenes-demo32", "scenes-demo64")
 # The model stem each dataset is meant for (dka.models.STEMS): stride 1 for 24-32 px, 3x3 stride 2 for the
 # 64 px scenes (4x4 final maps at a quarter of the cost), ImageNet's for 224 px Places365.
-STEMS = {"cifar10": "cifar", "places365": "imagenet", "scenes-smoke": "cifar", "scenes-demo32": "cifar",
+RECOMMENDED_STEMS = {"cifar10": "cifar", "places365": "imagenet", "scenes-smoke": "cifar", "scenes-demo32": "cifar",
          "scenes-demo64": "imagenet-small"}
 
 
@@ -103,4 +105,4 @@ def build_loaders(name: str, root: str | Path, batch_size: int, workers: int = 2
     return DataBundle(
         train=_loader(train, batch_size, True, workers, device, seed, collate),
         test=_loader(test, batch_size, False, workers, device, seed, collate),
-        num_classes=len(class_names), class_names=list(class_names), image_size=image_size, stem=STEMS[name])
+        num_classes=len(class_names), class_names=list(class_names), image_size=image_size, stem=RECOMMENDED_STEMS[name])

@@ -18,6 +18,9 @@ from torch.utils.data import Dataset, default_collate
 
 from dka.data.images import IMAGENET_MEAN, IMAGENET_STD, CorruptImageError, load_rgb
 
+__all__ = ["datasets", "categories", "ImageFiles", "transforms", "find_layout", "easy_samples", "how_to_get",
+           "IMAGE_EXTENSIONS"]
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 
 

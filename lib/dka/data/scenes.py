@@ -31,6 +31,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+__all__ = ["generate", "SceneMaker", "Scene", "Preset", "PRESETS", "Concept", "preset_by_name", "vocabulary",
+           "sample_classes", "element_mask", "draw_element", "draw_background", "encode_label_png",
+           "decode_label_png", "params_for", "is_export", "read_params", "GENERATOR_VERSION", "PARAMS_FILE",
+           "INDEX_COLUMNS", "CATEGORY_ORDER", "PIXEL_CATEGORIES", "SPLITS", "JPEG_QUALITY", "COLOURS",
+           "TEXTURES", "OBJECTS", "PARTS", "SCENES", "SCENE_PALETTES"]
+
 GENERATOR_VERSION = 1
 PARAMS_FILE = "scenes_params.json"
 INDEX_COLUMNS = ["image", "split", "ih", "iw", "sh", "sw", "color", "object", "material", "part", "scene", "texture"]

@@ -26,6 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
+__all__ = ["dynamic_k_forward", "dynamic_k_backward", "next_power_of_two", "prev_power_of_two", "MAX_KP"]
+
 INT64_MIN: tl.constexpr = tl.constexpr(-(2**63))  # the key of "no candidate" (padding)
 MAX_KP = 128  # the largest padded K the forward kernel is built for (K <= 128)
 

@@ -1,9 +1,11 @@
-"""`python -m dka.data` (also `python -m dka data`): generate concept scenes, download real datasets."""
+"""`python -m dka data`: generate concept scenes, download real datasets."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+
+__all__ = ["main"]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -44,6 +46,3 @@ def main(argv: list[str] | None = None) -> int:
     print(path)
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

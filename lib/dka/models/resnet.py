@@ -18,42 +18,23 @@ the final layer on their own: `model.features(x)`, `model.pool(fmap)` and `model
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
+from dka.attribution import Attribution, decompose_linear_head, inference_mode
 from dka.layers import DynamicKConv2d, DynamicKLinear
+from dka.models._registry import ModelSpec, register_model
 
-__all__ = ["ModelSpec", "DKAResNet", "build", "parse_name", "MODEL_NAME_FORMS", "STEMS"]
+__all__ = ["DKAResNet", "STEMS", "FORMS"]
 
-MODEL_NAME_FORMS = (
-    "res18", "res50", "res18-l1", "res50-l1", "res18-d{K}a", "res50-d{K}a", "res18-d[K3,K4,K]a",
-)
+
 STEMS = ("cifar", "imagenet", "imagenet-small")
-_NAME = re.compile(r"^res(?P<depth>18|50)(?:-(?:(?P<l1>l1)|d(?P<k>\d+)a|d\[(?P<k3>\d+),(?P<k4>\d+),(?P<kh>\d+)\]a))?$")
+FORMS = ("res18", "res50", "res18-l1", "res50-l1", "res18-d{K}a", "res50-d{K}a", "res18-d[K3,K4,K]a")
+_PATTERN = r"res(?P<depth>18|50)(?:-(?:(?P<l1>l1)|d(?P<k>\d+)a|d\[(?P<k3>\d+),(?P<k4>\d+),(?P<kh>\d+)\]a))?"
 
 
-@dataclass(frozen=True)
-class ModelSpec:
-    """What a registry name asks for."""
-
-    name: str
-    arch: str  # "res18" | "res50"
-    head_k: int | None  # K of a Dynamic-K head; None for a dense head
-    internal_k: tuple[int, int] | None  # K of the layer3/layer4 1x1 Dynamic-K convs
-    l1: bool  # dense head trained with an L1 penalty
-
-    @property
-    def is_dynamic(self) -> bool:
-        return self.head_k is not None
-
-
-def parse_name(name: str) -> ModelSpec:
-    """Parse a paper-style model name; unknown names raise a ValueError listing the valid forms."""
-    match = _NAME.match(name.strip().lower().replace(" ", "")) if isinstance(name, str) else None
-    if match is None:
-        raise ValueError(f"unknown model name {name!r}; valid forms: {', '.join(MODEL_NAME_FORMS)}")
+def _parse(name: str, match: re.Match) -> ModelSpec:
     arch = f"res{match['depth']}"
     internal = None
     if match["kh"] is not None:
@@ -65,7 +46,8 @@ def parse_name(name: str) -> ModelSpec:
     for value in (head_k, *(internal or ())):
         if value is not None and value < 1:
             raise ValueError(f"K must be at least 1 in {name!r}")
-    return ModelSpec(name=name, arch=arch, head_k=head_k, internal_k=internal, l1=match["l1"] is not None)
+    return ModelSpec(name=name, family="resnet", arch=arch, head_k=head_k, internal_k=internal,
+                     l1_head=match["l1"] is not None)
 
 
 class BasicBlock(nn.Module):
@@ -201,13 +183,30 @@ class DKAResNet(nn.Module):
         """Qualified name -> Dynamic-K module (internal 1x1 layers, then the head if dynamic)."""
         return {n: m for n, m in self.named_modules() if isinstance(m, (DynamicKLinear, DynamicKConv2d))}
 
-    def explain(self, x: Tensor, target=None):
-        """Per-image unit contributions to the target class: see `dka.explain.attribute`."""
-        from dka.explain import attribute
+    def explain(self, x: Tensor, target=None) -> Attribution:
+        """Per-image unit contributions to the target class (the paper's Fig. 7 decomposition).
 
-        return attribute(self, x, target)
+        Args:
+            x: (B, 3, H, W) images (moved to the model's device).
+            target: None (the predicted class), an int, or one class per image.
+        """
+        with inference_mode(self):
+            fmap = self.features(x.to(next(self.parameters()).device))
+            pooled = self.pool(fmap)
+            logits = self.head(pooled)
+        return decompose_linear_head(fmap, pooled, logits, self.head, target)
+
+    def auxiliary_losses(self, labels: Tensor, recipe) -> dict[str, Tensor]:
+        """The training engine's extension point (see `dka.train.objectives`): the L1 head penalty.
+
+        Only `res18-l1`/`res50-l1` add a term: ``recipe.l1 * sum |W|`` over the head's weights.
+        """
+        if self.spec.l1_head and recipe.l1 > 0:
+            return {"l1": recipe.l1 * self.head.weight.abs().sum()}
+        return {}
 
 
-def build(name: str, num_classes: int, stem: str = "cifar", width: int = 64) -> DKAResNet:
-    """Build a registry model by its paper name (see the module docstring)."""
-    return DKAResNet(parse_name(name), num_classes=num_classes, stem=stem, width=width)
+@register_model("resnet", FORMS, _PATTERN, _parse,
+                "ResNet18/50 with a dense, L1-penalised or Dynamic-K head (and internal 1x1 Dynamic-K layers)")
+def _build_resnet(spec: ModelSpec, num_classes: int, stem: str = "cifar", width: int = 64) -> DKAResNet:
+    return DKAResNet(spec, num_classes=num_classes, stem=stem, width=width)

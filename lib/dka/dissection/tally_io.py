@@ -1,0 +1,79 @@
+"""Tally files: NetDissect-Lite's `tally.csv` written and read, summarised, and looked up per unit.
+
+`unit_labels` is the one unit -> concept lookup that concepts, explanations and figures use.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from dka.atomic import atomic_write
+from dka.data.broden import DEFAULT_CATEGORIES
+from dka.dissection.tally import FIELDS
+
+__all__ = ["INTERPRETABLE_IOU", "write_tally", "read_tally", "tally_categories", "tally_columns", "tally_summary",
+           "unit_labels"]
+
+INTERPRETABLE_IOU = 0.04
+
+
+def tally_columns(categories=DEFAULT_CATEGORIES) -> list[str]:
+    """The column names of a tally over `categories`, in NetDissect-Lite's order."""
+    return ["unit", "category", "label", "score"] + [f"{c}-{f}" for c in categories for f in FIELDS]
+
+
+def write_tally(df: pd.DataFrame, path: str | Path) -> Path:
+    """Write tally.csv atomically (temp file in the same folder, then os.replace)."""
+    with atomic_write(path, newline="") as handle:
+        df.to_csv(handle, index=False)
+    return Path(path)
+
+
+def read_tally(path: str | Path) -> pd.DataFrame:
+    """Read a NetDissect-Lite tally.csv (ours or the authors' released one), checking its columns."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no tally at {path}; produce one with `python -m dka dissect ... --out DIR`")
+    df = pd.read_csv(path, keep_default_na=False, na_values=[])
+    head = ["unit", "category", "label", "score"]
+    if list(df.columns[:4]) != head or (len(df.columns) - 4) % len(FIELDS):
+        raise ValueError(f"{path} is not a NetDissect tally: columns start {list(df.columns[:6])}")
+    cats = [c[: -len("-label")] for c in df.columns[4:: len(FIELDS)]]
+    if list(df.columns) != tally_columns(cats):
+        raise ValueError(f"{path}: columns do not follow `<category>-{{{','.join(FIELDS)}}}` per category")
+    return df
+
+
+def tally_categories(df: pd.DataFrame) -> list[str]:
+    return [c[: -len("-label")] for c in df.columns[4:: len(FIELDS)]]
+
+
+def tally_summary(df: pd.DataFrame, iou_threshold: float = INTERPRETABLE_IOU) -> dict:
+    """Interpretable units (score >= threshold), unique concepts among them, per-category counts."""
+    good = df[df["score"] >= iou_threshold]
+    return {
+        "units": int(len(df)),
+        "interpretable_units": int(len(good)),
+        "unique_concepts": int(good["label"].nunique()),
+        "mean_score": float(df["score"].mean()),
+        "by_category": {str(k): int(v) for k, v in good["category"].value_counts().items()},
+    }
+
+
+def unit_labels(df: pd.DataFrame, units: int | None = None) -> pd.DataFrame:
+    """The unit -> concept lookup: label, category and score (IoU) indexed by the 1-based unit.
+
+    With `units` (the layer's unit count) the table is checked against it and reindexed to 1..units,
+    so a tally made for another layer or model fails here with a clear message instead of giving
+    wrong concepts.
+    """
+    table = df.set_index("unit")[["label", "category", "score"]].sort_index()
+    if units is None:
+        return table
+    if list(table.index) != list(range(1, units + 1)):
+        span = f"{table.index.min()}..{table.index.max()}" if len(table) else "nothing"
+        raise ValueError(f"the tally covers {len(table)} units ({span}) but the layer has {units} units (tally units "
+                         "are 1-based, one row each): was the tally made for this model's layer?")
+    return table

@@ -1,0 +1,183 @@
+"""Figures of training runs: accuracy curves, sparsity curves, K-sweep bars, per-model lines, the slider view."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import seaborn as sns
+
+from dka.plots.style import OURS_COLOR, PAPER_COLOR, SPARSITY_LABELS, _integer_ticks, _new_axes, model_palette
+from dka.plots.weights import weight_heatmap
+
+__all__ = ["accuracy_curves", "sparsity_curves", "paper_comparison_bars", "model_lines", "sweep_dashboard"]
+
+
+def accuracy_curves(frame: pd.DataFrame, splits: Sequence[str] = ("train_top1", "test_top1"),
+                    title: str = "Top-1 accuracy over training", ylabel: str = "top-1 accuracy (%)",
+                    order: Sequence[str] | None = None):
+    """Fig. 4(a) / 5(a): one panel per split, one line per model (`frame` from `metrics_frame`)."""
+    missing = [c for c in ("model", "epoch", *splits) if c not in frame.columns]
+    if missing:
+        raise KeyError(f"accuracy_curves needs columns {missing}; got {list(frame.columns)}")
+    order = list(order) if order is not None else list(dict.fromkeys(frame["model"]))
+    palette = model_palette(order)
+    fig, axes = plt.subplots(1, len(splits), figsize=(5.2 * len(splits), 3.8), sharey=True,
+                             layout="constrained", squeeze=False)
+    for ax, split in zip(axes[0], splits):
+        sns.lineplot(data=frame, x="epoch", y=split, hue="model", hue_order=order, palette=palette,
+                     marker="o", markersize=4, ax=ax, legend=ax is axes[0][-1])
+        ax.set_title(split.replace("_top1", "").replace("_", " "))
+        ax.set_xlabel("epoch")
+        _integer_ticks(ax)
+        ax.set_ylabel(ylabel)
+    if axes[0][-1].get_legend() is not None:
+        sns.move_legend(axes[0][-1], "center left", bbox_to_anchor=(1.02, 0.5), title="model")
+    fig.suptitle(title, fontweight="bold")
+    return fig
+
+
+def sparsity_curves(frame: pd.DataFrame, measure: str = "small", order: Sequence[str] | None = None,
+                    title: str | None = None, ax=None):
+    """Fig. 5(b): final-layer sparsity over training, one line per model.
+
+    `measure` names which sparsity the figure shows — "small" (|w| < 1e-3, the paper's measure, the
+    `sparsity` column) or "never_routed" (share of weights never selected by top-K) — and is
+    written on the y axis so no reader confuses the two.
+    """
+    column = {"small": "sparsity", "never_routed": "never_routed"}.get(measure)
+    if column is None:
+        raise ValueError(f"measure must be 'small' or 'never_routed', got {measure!r}")
+    if column not in frame.columns:
+        raise KeyError(f"sparsity_curves needs a {column!r} column; got {list(frame.columns)}")
+    data = frame.dropna(subset=[column])
+    order = list(order) if order is not None else list(dict.fromkeys(frame["model"]))
+    order = [m for m in order if m in set(data["model"])]
+    fig, ax = _new_axes(ax, (6.4, 3.8))
+    sns.lineplot(data=data, x="epoch", y=column, hue="model", hue_order=order,
+                 palette=model_palette(order), marker="o", markersize=4, ax=ax)
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("epoch")
+    _integer_ticks(ax)
+    ax.set_ylabel(SPARSITY_LABELS[measure].replace(" (never among the top-K)", ""), fontsize=9)
+    ax.set_title(title or ("Final-layer sparsity: " + ("|w| < 1e-3" if measure == "small" else "never routed")))
+    if ax.get_legend() is not None:
+        sns.move_legend(ax, "center left", bbox_to_anchor=(1.02, 0.5), title="model")
+    return fig
+
+
+def paper_comparison_bars(ours: Mapping[str, float], paper: Mapping[str, float] | None = None,
+                          ylabel: str = "top-1 accuracy (%)", title: str = "",
+                          ours_label: str = "this run", paper_label: str = "paper", ax=None,
+                          ylim: tuple[float, float] | None = None):
+    """K-sweep / Table 1 bars: our value per model beside the paper's (grey), numbers printed on top.
+
+    Models the paper does not report get only our bar. The two data sets differ, so compare the
+    pattern across K (parity with the baseline), not the absolute heights.
+    """
+    models = list(ours)
+    if not models:
+        raise ValueError("paper_comparison_bars needs at least one model")
+    paper = dict(paper or {})
+    fig, ax = _new_axes(ax, (max(4.0, 0.9 * len(models) + 2.0), 3.8))
+    x = np.arange(len(models))
+    has_paper = any(m in paper for m in models)
+    width = 0.4 if has_paper else 0.6
+    ours_vals = np.array([ours[m] for m in models], dtype=float)
+    bars = ax.bar(x - (width / 2 if has_paper else 0), ours_vals, width, color=OURS_COLOR, label=ours_label)
+    ax.bar_label(bars, fmt="%.1f", fontsize=8, padding=1)
+    if has_paper:
+        paper_vals = np.array([paper.get(m, np.nan) for m in models], dtype=float)
+        pbars = ax.bar(x + width / 2, np.nan_to_num(paper_vals, nan=0.0), width, color=PAPER_COLOR,
+                       label=paper_label)
+        for bar, value in zip(pbars, paper_vals):
+            if np.isnan(value):
+                bar.set_visible(False)
+        ax.bar_label(pbars, labels=["" if np.isnan(v) else f"{v:.1f}" for v in paper_vals], fontsize=8,
+                     padding=1)
+    ax.set_xticks(x, models, rotation=30, ha="right")
+    ax.set_ylabel(ylabel)
+    if ylim is not None:
+        ax.set_ylim(*ylim)
+    else:
+        top = np.nanmax([ours_vals.max(), *(paper.get(m, np.nan) for m in models)])
+        ax.set_ylim(0, min(100.0, top * 1.12) if top <= 100 else top * 1.12)
+    if title:
+        ax.set_title(title)
+    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=True)
+    return fig
+
+
+def model_lines(frame: pd.DataFrame, x: str, y: str, xlabel: str, ylabel: str, title: str,
+                order: Sequence[str] | None = None, marker: str | None = "o", ax=None):
+    """A line per model (Fig. 5(c) mean unit IoU over training, Fig. 5(d) sorted unit scores)."""
+    missing = [c for c in ("model", x, y) if c not in frame.columns]
+    if missing:
+        raise KeyError(f"model_lines needs columns {missing}; got {list(frame.columns)}")
+    order = list(order) if order is not None else list(dict.fromkeys(frame["model"]))
+    fig, ax = _new_axes(ax, (6.4, 3.8))
+    sns.lineplot(data=frame, x=x, y=y, hue="model", hue_order=order, palette=model_palette(order),
+                 marker=marker, markersize=4 if marker else None, ax=ax)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    if pd.api.types.is_integer_dtype(frame[x]):
+        _integer_ticks(ax)
+    if ax.get_legend() is not None:
+        sns.move_legend(ax, "center left", bbox_to_anchor=(1.02, 0.5), title="model")
+    return fig
+
+
+def sweep_dashboard(weights: Mapping[str, object], curves: pd.DataFrame,
+                    sparsity: Mapping[str, Mapping[str, float]], class_names: Sequence[str] | None = None,
+                    title: str | None = None):
+    """The K slider's view: the chosen models' final layers, their test curves, their two sparsities.
+
+    `weights` maps the shown models (usually the d{K}a model and the model it is compared with) to
+    their final-layer weights; `curves` is `metrics_frame` of all models (the others are drawn faint
+    for context); `sparsity` maps each shown model to {"small": share |w| < 1e-3, "never_routed":
+    share never selected (NaN for a dense layer)}. One function, so that the static (headless) output
+    and the interactive redraw are the same figure.
+    """
+    shown = list(weights)
+    if not shown:
+        raise ValueError("sweep_dashboard needs at least one model to show")
+    palette = model_palette(list(dict.fromkeys([*curves["model"], *shown])))  # same colours as the other figures
+    fig = plt.figure(figsize=(3.0 * len(shown) + 8.4, 4.4), layout="constrained")
+    grid = fig.add_gridspec(1, len(shown) + 2, width_ratios=[1.0] * len(shown) + [1.7, 1.3])
+    for i, name in enumerate(shown):
+        ax = fig.add_subplot(grid[0, i])
+        weight_heatmap(weights[name], ax=ax, title=name, class_names=class_names, colorbar=False)
+        if i:
+            ax.set_ylabel("")
+    ax_acc = fig.add_subplot(grid[0, len(shown)])
+    for name in dict.fromkeys(curves["model"]):
+        sub = curves[curves["model"] == name]
+        if name in shown:
+            ax_acc.plot(sub["epoch"], sub["test_top1"], marker="o", markersize=4, lw=2.2,
+                        color=palette[name], label=name)
+        else:
+            ax_acc.plot(sub["epoch"], sub["test_top1"], lw=0.9, color="0.6", alpha=0.6)
+    ax_acc.set_xlabel("epoch")
+    _integer_ticks(ax_acc)
+    ax_acc.set_ylabel("test top-1 (%)")
+    ax_acc.set_title("test accuracy (grey: other models)")
+    ax_acc.legend(loc="lower right")
+    ax_sp = fig.add_subplot(grid[0, len(shown) + 1])
+    measures = [("small", "|w| < 1e-3"), ("never_routed", "never routed")]
+    x = np.arange(len(measures))
+    width = 0.8 / len(shown)
+    for j, name in enumerate(shown):
+        values = [float(sparsity.get(name, {}).get(m, np.nan)) for m, _ in measures]
+        bars = ax_sp.bar(x + (j - (len(shown) - 1) / 2) * width, np.nan_to_num(values, nan=0.0), width,
+                         color=palette[name], label=name)
+        ax_sp.bar_label(bars, labels=["n/a" if np.isnan(v) else f"{v:.0%}" for v in values], fontsize=8)
+    ax_sp.set_xticks(x, [label for _, label in measures])
+    ax_sp.set_ylim(0, 1.12)
+    ax_sp.set_ylabel("share of final-layer weights")
+    ax_sp.set_title("sparsity after training")
+    if title:
+        fig.suptitle(title, fontweight="bold")
+    return fig

@@ -1,0 +1,124 @@
+"""Writing results: figures (PNG), tables (CSV + Markdown) and metrics (strict JSON), atomically.
+
+Everything a notebook writes to `results/` goes through these functions, which write a temp file and
+`os.replace` it onto the target, so an interrupted run never leaves a half-written file that DVC would
+then record. `metrics_frame` turns the runs' `metrics.jsonl` records into one long table.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import matplotlib.figure
+import numpy as np
+import pandas as pd
+
+from dka.atomic import atomic_write, write_text
+
+__all__ = ["save_figure", "save_table", "save_json", "markdown_table", "metrics_frame", "DEFAULT_DPI"]
+
+# Figures are read in a README at ~700 px wide: ~120 dpi keeps a 6.4-inch figure at that size.
+DEFAULT_DPI = 120
+
+
+def save_figure(fig: matplotlib.figure.Figure, path: str | os.PathLike, dpi: int = DEFAULT_DPI) -> Path:
+    """Write `fig` as PNG to `path` atomically (small file: ~120 dpi) and return the path."""
+    path = Path(path)
+    if path.suffix.lower() != ".png":
+        raise ValueError(f"figures are written as PNG; got {path.name!r} — use a .png file name")
+    with atomic_write(path, "wb") as handle:
+        fig.savefig(handle, format="png", dpi=dpi, bbox_inches="tight", metadata={"Software": None})
+    return path
+
+
+def markdown_table(df: pd.DataFrame, floatfmt: str | Mapping[str, str] = ".2f", index: bool = False) -> str:
+    """GitHub-flavoured Markdown for a small table (no tabulate dependency).
+
+    `floatfmt` is one format for every float column or a {column: format} dict (others: ".2f");
+    NaN prints as an en dash, "|" is escaped.
+    """
+    frame = df.reset_index() if index else df
+    formats = floatfmt if isinstance(floatfmt, Mapping) else {}
+    default = ".2f" if isinstance(floatfmt, Mapping) else floatfmt
+
+    def cell(value, column) -> str:
+        if isinstance(value, (float, np.floating)):
+            return "–" if math.isnan(value) else format(float(value), formats.get(column, default))
+        if value is None:
+            return "–"
+        return str(value).replace("|", "\\|")
+
+    header = [str(c).replace("|", "\\|") for c in frame.columns]
+    lines = ["| " + " | ".join(header) + " |"]
+    aligns = ["---:" if pd.api.types.is_numeric_dtype(frame[c]) else ":---" for c in frame.columns]
+    lines.append("| " + " | ".join(aligns) + " |")
+    for row in frame.itertuples(index=False):
+        lines.append("| " + " | ".join(cell(v, c) for v, c in zip(row, frame.columns)) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def save_table(df: pd.DataFrame, path_stem: str | os.PathLike, floatfmt: str | Mapping[str, str] = ".2f",
+               title: str | None = None) -> tuple[Path, Path]:
+    """Write `df` as `<stem>.csv` and `<stem>.md` (atomically); returns both paths."""
+    stem = Path(path_stem)
+    if stem.suffix in (".csv", ".md"):
+        stem = stem.with_suffix("")
+    csv_path = write_text(stem.with_suffix(".csv"), df.to_csv(index=False))
+    md = (f"**{title}**\n\n" if title else "") + markdown_table(df, floatfmt=floatfmt)
+    md_path = write_text(stem.with_suffix(".md"), md)
+    return csv_path, md_path
+
+
+def save_json(obj, path: str | os.PathLike) -> Path:
+    """Write metrics as indented, strict JSON (atomically): numpy values become plain numbers and
+    NaN/inf become null, so any JSON reader (jq, JavaScript, DVC) accepts the file."""
+
+    def plain(value):
+        if isinstance(value, Mapping):
+            return {str(k): plain(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        if isinstance(value, np.ndarray):
+            return plain(value.tolist())
+        if isinstance(value, np.generic):
+            value = value.item()
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, Path):
+            return str(value)
+        if value is None or isinstance(value, (str, int, float, bool)):
+            return value
+        raise TypeError(f"cannot write {type(value).__name__} to JSON")
+
+    text = json.dumps(plain(obj), indent=2, sort_keys=True, allow_nan=False)
+    return write_text(Path(path), text + "\n")
+
+
+# --------------------------------------------------------------------------------------------
+# metrics -> long tables
+# --------------------------------------------------------------------------------------------
+
+
+def metrics_frame(runs: Mapping[str, Sequence[Mapping]]) -> pd.DataFrame:
+    """Per-epoch metrics of several runs (model name -> metrics.jsonl records) as one long table.
+
+    Scalar keys become columns; the per-layer dicts (`sparsity`, `never_routed`) are reduced to the
+    final layer's value (`head`), the one the paper's figures show.
+    """
+    rows = []
+    for model, records in runs.items():
+        for record in records:
+            row = {"model": model}
+            for key, value in record.items():
+                if isinstance(value, Mapping):
+                    row[key] = value.get("head", np.nan)
+                else:
+                    row[key] = value
+            rows.append(row)
+    if not rows:
+        raise ValueError("no metrics to tabulate: every run has an empty metrics list")
+    return pd.DataFrame(rows)
