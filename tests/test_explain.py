@@ -98,3 +98,11 @@ def test_table_and_html_report(models, images, tmp_path):
     assert body.count("<tr>") == 5  # header + 4 images
     assert body.count("data:image/png;base64,") == 4 * (1 + 2 + 2)
     assert "res18-d3a" in body and "concept" in body and "residual" in body
+
+
+def test_spatial_map_sums_to_the_explained_score(models, images):
+    """The contribution map over positions holds exactly the part of y_c the head's used units carry."""
+    for model in models:
+        a = E.attribute(model, images)
+        torch.testing.assert_close(a.spatial.sum(dim=(1, 2)), a.score - a.bias, rtol=1e-4, atol=1e-4)
+        assert a.pixel_map((16, 16)).shape == (4, 16, 16)

@@ -44,6 +44,18 @@ class Attribution:
     routed: Tensor | None = None  # (B, K) units routed for the target (Dynamic-K head), by product desc.
     routed_contributions: Tensor | None = None  # (B, K) their contributions
     k: int | None = None
+    spatial: Tensor | None = None  # (B, h, w) where the explained score sits; sums to score - bias
+
+    def pixel_map(self, size: tuple[int, int]) -> Tensor:
+        """(B, H, W) the `spatial` contribution map resized onto the image (bilinear), for localisation.
+
+        Values are densities, not sums: compare shares of it across pixels, not its total with the score.
+        """
+        if self.spatial is None:
+            raise ValueError("this explanation has no spatial contribution map")
+        if tuple(self.spatial.shape[-2:]) == tuple(size):
+            return self.spatial
+        return F.interpolate(self.spatial[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
 
     @property
     def dynamic(self) -> bool:
@@ -137,9 +149,14 @@ def decompose_linear_head(fmap: Tensor, pooled: Tensor, logits: Tensor, head: nn
         effective = torch.zeros_like(contributions).scatter_(1, routed, routed_contrib)
     else:
         effective = contributions
+    # where the explained part of the score sits: sum_i used(i) W[c,i] fmap_i(h, w) / (h w), which sums over
+    # positions to score - bias because the pooled x_i is the mean of fmap_i
+    used = weight if routed is None else weight * torch.zeros_like(weight).scatter_(1, routed, 1.0)
+    spatial = torch.einsum("bu,buhw->bhw", used, fmap) / (fmap.shape[-2] * fmap.shape[-1])
     cpu = lambda t: None if t is None else t.detach().cpu()  # noqa: E731
     return Attribution(
         target=cpu(tgt), logits=cpu(logits), score=cpu(score), bias=cpu(bias), activations=cpu(pooled),
         products=cpu(products), contributions=cpu(contributions), effective=cpu(effective),
         feature_maps=cpu(fmap), routed=cpu(routed), routed_contributions=cpu(routed_contrib), k=k,
+        spatial=cpu(spatial),
     )
