@@ -123,12 +123,27 @@ def test_sparsity_curves_name_the_measure():
         plots.sparsity_curves(frame, measure="l0")
 
 
+def test_weight_heatmaps_share_one_colour_scale():
+    w = {"res18": np.full((4, 8), 0.5), "res18-d5a": np.full((4, 8), 0.01)}
+    fig = plots.weight_heatmaps(w)
+    limits = {ax.images[0].get_clim() for ax in fig.axes if ax.images}
+    assert len(limits) == 1  # a paler panel really holds smaller weights
+    separate = plots.weight_heatmaps(w, shared_scale=False)
+    assert len({ax.images[0].get_clim() for ax in separate.axes if ax.images}) == 2
+
+
+def test_model_colours_do_not_depend_on_the_figure():
+    assert plots.model_palette(["res18", "res18-d5a"])["res18-d5a"] == plots.model_palette(["res18-d5a"])["res18-d5a"]
+    assert plots.model_color("res18-d1a") != plots.model_color("res18-d100a")
+
+
 def test_paper_comparison_bars_prints_both_values():
     fig = plots.paper_comparison_bars({"res18": 80.0, "res18-d5a": 81.5, "res18-d7a": 79.0},
                                       {"res18": 53.69, "res18-d5a": 53.60}, title="Table 1")
     texts = _texts(fig)
     assert "81.5" in texts and "53.7" in texts and "53.6" in texts
     assert "this run" in texts and "paper" in texts and "res18-d7a" in texts
+    assert len([ax for ax in fig.axes if ax.patches]) == 2  # ours and the paper's never share an axis
 
 
 def test_sweep_dashboard_shows_both_sparsities():

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 
-from dka.plots.style import OURS_COLOR, PAPER_COLOR, SPARSITY_LABELS, _integer_ticks, _new_axes, model_palette
+from dka.plots.style import SPARSITY_LABELS, _integer_ticks, _new_axes, model_color, model_palette
 from dka.plots.weights import weight_heatmap
 
 __all__ = ["accuracy_curves", "sparsity_curves", "paper_comparison_bars", "model_lines", "sweep_dashboard"]
@@ -70,43 +70,40 @@ def sparsity_curves(frame: pd.DataFrame, measure: str = "small", order: Sequence
 
 def paper_comparison_bars(ours: Mapping[str, float], paper: Mapping[str, float] | None = None,
                           ylabel: str = "top-1 accuracy (%)", title: str = "",
-                          ours_label: str = "this run", paper_label: str = "paper", ax=None,
-                          ylim: tuple[float, float] | None = None):
-    """K-sweep / Table 1 bars: our value per model beside the paper's (grey), numbers printed on top.
+                          ours_label: str = "this run", paper_label: str = "paper",
+                          errors: Mapping[str, tuple[float, float]] | None = None):
+    """Table 1 as bars: our value per model in one panel, the paper's in another, each on its own axis.
 
-    Models the paper does not report get only our bar. The two data sets differ, so compare the
-    pattern across K (parity with the baseline), not the absolute heights.
+    The two come from different data (e.g. a stand-in dataset vs Places365), so they are never drawn
+    on one axis: compare the pattern across models, not the heights. `errors` maps a model to the
+    (low, high) of our interval, drawn as an error bar. Bars take each model's colour (`model_color`).
     """
     models = list(ours)
     if not models:
         raise ValueError("paper_comparison_bars needs at least one model")
-    paper = dict(paper or {})
-    fig, ax = _new_axes(ax, (max(4.0, 0.9 * len(models) + 2.0), 3.8))
-    x = np.arange(len(models))
-    has_paper = any(m in paper for m in models)
-    width = 0.4 if has_paper else 0.6
-    ours_vals = np.array([ours[m] for m in models], dtype=float)
-    bars = ax.bar(x - (width / 2 if has_paper else 0), ours_vals, width, color=OURS_COLOR, label=ours_label)
-    ax.bar_label(bars, fmt="%.1f", fontsize=8, padding=1)
-    if has_paper:
-        paper_vals = np.array([paper.get(m, np.nan) for m in models], dtype=float)
-        pbars = ax.bar(x + width / 2, np.nan_to_num(paper_vals, nan=0.0), width, color=PAPER_COLOR,
-                       label=paper_label)
-        for bar, value in zip(pbars, paper_vals):
-            if np.isnan(value):
-                bar.set_visible(False)
-        ax.bar_label(pbars, labels=["" if np.isnan(v) else f"{v:.1f}" for v in paper_vals], fontsize=8,
-                     padding=1)
-    ax.set_xticks(x, models, rotation=30, ha="right")
-    ax.set_ylabel(ylabel)
-    if ylim is not None:
-        ax.set_ylim(*ylim)
-    else:
-        top = np.nanmax([ours_vals.max(), *(paper.get(m, np.nan) for m in models)])
-        ax.set_ylim(0, min(100.0, top * 1.12) if top <= 100 else top * 1.12)
+    paper = {m: v for m, v in (paper or {}).items() if m in models}
+    panels = [(ours_label, {m: ours[m] for m in models})] + ([(paper_label, paper)] if paper else [])
+    fig, axes = plt.subplots(1, len(panels), figsize=(max(4.0, 0.75 * len(models) + 1.8) * len(panels), 3.9),
+                             layout="constrained", squeeze=False)
+    for ax, (label, values) in zip(axes[0], panels):
+        names = [m for m in models if m in values]
+        x = np.arange(len(names))
+        heights = np.array([values[m] for m in names], dtype=float)
+        bars = ax.bar(x, heights, 0.7, color=[model_color(m) for m in names])
+        if errors and label == ours_label:
+            lows = np.array([errors.get(m, (np.nan, np.nan))[0] for m in names], dtype=float)
+            highs = np.array([errors.get(m, (np.nan, np.nan))[1] for m in names], dtype=float)
+            ok = ~np.isnan(lows)
+            ax.errorbar(x[ok], heights[ok], yerr=[heights[ok] - lows[ok], highs[ok] - heights[ok]], fmt="none",
+                        ecolor="0.2", capsize=3, lw=1)
+        ax.bar_label(bars, fmt="%.1f", fontsize=8, padding=2)
+        ax.set_xticks(x, names, rotation=30, ha="right")
+        ax.set_ylabel(ylabel)
+        top = np.nanmax(heights) if len(heights) else 1.0
+        ax.set_ylim(0, min(100.0, top * 1.15) if top <= 100 else top * 1.15)
+        ax.set_title(label, fontsize=10)
     if title:
-        ax.set_title(title)
-    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=True)
+        fig.suptitle(title, fontweight="bold")
     return fig
 
 
