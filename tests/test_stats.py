@@ -53,3 +53,28 @@ def test_paired_difference_over_seeds_and_over_images():
     correct_b = np.r_[np.ones(850), np.zeros(150)]
     one = stats.paired_difference([90.0], [85.0], correct_a, correct_b)
     assert one.mean == 5.0 and one.low > 0 and one.method.startswith("paired bootstrap")
+
+
+def test_seed_summaries_and_paired_differences():
+    import numpy as np
+
+    from dka import summaries
+    from dka.evaluation import Collected
+
+    values = {"res18": [80.0, 82.0, 81.0], "res18-d5a": [81.0, 83.0, 83.0]}
+    assert summaries.over_seeds(values)["res18"].mean == pytest.approx(81.0)
+    diff = summaries.differences(values, "res18")
+    assert diff["res18-d5a"].mean == pytest.approx(4 / 3) and diff["res18"].mean == 0.0
+    with pytest.raises(KeyError, match="baseline"):
+        summaries.differences(values, "res50")
+
+    def collected(correct):
+        return Collected(pooled=np.zeros((len(correct), 1)), logits=np.stack([correct, 1 - correct], 1).astype(float),
+                         labels=np.zeros(len(correct), dtype=np.int64))
+
+    evals = {"res18": [collected(np.r_[np.ones(80), np.zeros(20)])],
+             "res18-d5a": [collected(np.r_[np.ones(90), np.zeros(10)])]}
+    one = summaries.differences({"res18": [80.0], "res18-d5a": [90.0]}, "res18", evals)
+    assert one["res18-d5a"].mean == 10.0 and one["res18-d5a"].low > 0
+    assert summaries.mcnemar_per_seed(evals, "res18")["res18-d5a"][0] < 0.01
+    assert "3 seeds" in summaries.interval_note(3) and "bootstrap" in summaries.interval_note(1)
