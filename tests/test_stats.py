@@ -14,6 +14,7 @@ def test_t_interval_matches_the_textbook_formula():
     iv = stats.mean_interval([1.0, 2.0, 3.0])
     # mean 2, sd 1, t(0.975, 2) = 4.302653: half width 4.302653 / sqrt(3)
     assert iv.mean == 2.0 and iv.n == 3 and iv.sd == pytest.approx(1.0)
+    assert (-iv).low == -iv.high and (-iv).mean == -2.0
     assert iv.half_width == pytest.approx(4.302653 / math.sqrt(3), rel=1e-6)
     assert iv.format(1) == "2.0 ± 2.5"
     one = stats.mean_interval([5.0])

@@ -54,17 +54,26 @@ class Collected:
 
 
 @torch.no_grad()
-def collect(model: nn.Module, loader: DataLoader, device: str | torch.device = "cpu") -> Collected:
-    """Run `model` (features -> pool -> head) over `loader` (batches of (images, labels)) once, in eval mode."""
+def collect(model: nn.Module, loader: DataLoader, device: str | torch.device = "cpu", amp: bool = False,
+            channels_last: bool = False) -> Collected:
+    """Run `model` (features -> pool -> head) over `loader` (batches of (images, labels)) once, in eval mode.
+
+    `amp` (bf16 autocast) and `channels_last` should be the run's own settings, so the predictions are
+    the ones its training log reports.
+    """
     was_training = model.training
     model.eval()
     device = torch.device(device)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    model.to(memory_format=memory_format)
     pooled, logits, labels = [], [], []
     try:
         for images, target in loader:
-            x = model.pool(model.features(images.to(device)))
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                x = model.pool(model.features(images.to(device, memory_format=memory_format)))
+                y = model.head(x)
             pooled.append(x.float().cpu())
-            logits.append(model.head(x).float().cpu())
+            logits.append(y.float().cpu())
             labels.append(target.cpu())
     finally:
         model.train(was_training)

@@ -32,7 +32,8 @@ from dka.checkpoint import load_checkpoint
 from dka.progress import widget_frontend_available
 
 __all__ = ["Stage", "setup", "project_root", "RunSpec", "run_specs", "seeds_of", "train_models", "torchrun_argv", "final_sparsity", "checkpoints",
-           "shared_data", "interactive_figure", "k_slider"]
+           "shared_data", "interactive_figure", "k_slider",
+           "final_payloads", "evaluate_runs", "dataset_label"]
 
 
 @dataclass(frozen=True)
@@ -173,6 +174,40 @@ def train_models(section: Mapping[str, Any] | Stage, runtime: Mapping[str, Any] 
                 subprocess.run(torchrun_argv(config, nproc), check=True)
             results[spec.name].append(train.run(config, bundle=bundle))
     return results
+
+
+def final_payloads(results: Mapping[str, Sequence[train.RunResult]]) -> dict[str, list[dict]]:
+    """{run: [its final.pt payload per seed]} (weights, config, the last epoch's routing masks)."""
+    return {run: [load_checkpoint(r.final_path) for r in runs] for run, runs in results.items()}
+
+
+def evaluate_runs(results: Mapping[str, Sequence[train.RunResult]], loader, device: str = "cpu"):
+    """{run: [`dka.evaluation.Collected` per seed]}: one pass of each final model over `loader`'s images."""
+    from dka.evaluation import collect
+    from dka.models import load_model
+
+    out = {}
+    for run, runs in results.items():
+        out[run] = []
+        for r in runs:
+            config = load_checkpoint(r.final_path)["config"]
+            out[run].append(collect(load_model(r.final_path, map_location=device), loader, device,
+                                    amp=bool(config["amp"]), channels_last=bool(config["channels_last"])))
+    return out
+
+
+def dataset_label(section: Mapping[str, Any], stage: Stage) -> str:
+    """How figures and tables name a section's data: real data by name (the CIFAR-10 JPEG copy says so),
+    concept scenes as the stand-in they are."""
+    name = section["dataset"]
+    if name == "cifar10":
+        from dka.data import cifar
+
+        return "CIFAR-10 (JPEG copy)" if cifar.detect_format(stage.path(section["root"])) == "folder" else "CIFAR-10"
+    stands_in = {"scenes-demo32": "CIFAR-10", "scenes-demo64": "Places365", "scenes-smoke": "a smoke test"}
+    if name in stands_in:
+        return f"{name} (concept scenes, stand-in for {stands_in[name]})"
+    return {"places365": "Places365"}.get(name, name)
 
 
 def final_sparsity(result: train.RunResult) -> dict[str, float]:

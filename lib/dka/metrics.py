@@ -73,6 +73,7 @@ class ConceptTruth(Dataset):
 
     def __init__(self, root: str | Path, split: str = "test"):
         root = Path(root)
+        self.root = root
         self.broden = BrodenDataset(root)
         classes = _read_rows(root / "classes.csv")
         self.class_names = [r["name"] for r in classes]

@@ -42,6 +42,10 @@ class Interval:
     def half_width(self) -> float:
         return (self.high - self.low) / 2
 
+    def __neg__(self) -> Interval:
+        """The interval of minus the quantity (e.g. B - A from A - B)."""
+        return Interval(-self.mean, -self.high, -self.low, self.n, self.sd, self.method)
+
     def excludes(self, value: float) -> bool:
         """Whether the interval lies entirely on one side of `value` (False without an interval)."""
         return bool(self.low > value or self.high < value)

@@ -11,8 +11,16 @@ import seaborn as sns
 
 from dka.plots.style import SPARSITY_LABELS, _integer_ticks, _new_axes, model_color, model_palette
 from dka.plots.weights import weight_heatmap
+from dka.stats import mean_interval
 
-__all__ = ["accuracy_curves", "sparsity_curves", "paper_comparison_bars", "model_lines", "sweep_dashboard"]
+__all__ = ["accuracy_curves", "sparsity_curves", "paper_comparison_bars", "model_lines", "sweep_dashboard", "frontier",
+           "share_sweep"]
+
+
+def _t_band(values) -> tuple[float, float]:
+    """The band seaborn draws around a line of several seeds: the 95% t-interval of their mean."""
+    iv = mean_interval(list(values))
+    return (iv.low, iv.high) if iv.n > 1 else (iv.mean, iv.mean)
 
 
 def accuracy_curves(frame: pd.DataFrame, splits: Sequence[str] = ("train_top1", "test_top1"),
@@ -27,7 +35,7 @@ def accuracy_curves(frame: pd.DataFrame, splits: Sequence[str] = ("train_top1", 
     fig, axes = plt.subplots(1, len(splits), figsize=(5.2 * len(splits), 3.8), sharey=True,
                              layout="constrained", squeeze=False)
     for ax, split in zip(axes[0], splits):
-        sns.lineplot(data=frame, x="epoch", y=split, hue="model", hue_order=order, palette=palette,
+        sns.lineplot(data=frame, x="epoch", y=split, hue="model", hue_order=order, palette=palette, errorbar=_t_band,
                      marker="o", markersize=4, ax=ax, legend=ax is axes[0][-1])
         ax.set_title(split.replace("_top1", "").replace("_", " "))
         ax.set_xlabel("epoch")
@@ -56,7 +64,7 @@ def sparsity_curves(frame: pd.DataFrame, measure: str = "small", order: Sequence
     order = list(order) if order is not None else list(dict.fromkeys(frame["model"]))
     order = [m for m in order if m in set(data["model"])]
     fig, ax = _new_axes(ax, (6.4, 3.8))
-    sns.lineplot(data=data, x="epoch", y=column, hue="model", hue_order=order,
+    sns.lineplot(data=data, x="epoch", y=column, hue="model", hue_order=order, errorbar=_t_band,
                  palette=model_palette(order), marker="o", markersize=4, ax=ax)
     ax.set_ylim(-0.02, 1.02)
     ax.set_xlabel("epoch")
@@ -115,7 +123,7 @@ def model_lines(frame: pd.DataFrame, x: str, y: str, xlabel: str, ylabel: str, t
         raise KeyError(f"model_lines needs columns {missing}; got {list(frame.columns)}")
     order = list(order) if order is not None else list(dict.fromkeys(frame["model"]))
     fig, ax = _new_axes(ax, (6.4, 3.8))
-    sns.lineplot(data=frame, x=x, y=y, hue="model", hue_order=order, palette=model_palette(order),
+    sns.lineplot(data=frame, x=x, y=y, hue="model", hue_order=order, palette=model_palette(order), errorbar=_t_band,
                  marker=marker, markersize=4 if marker else None, ax=ax)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
@@ -151,7 +159,7 @@ def sweep_dashboard(weights: Mapping[str, object], curves: pd.DataFrame,
             ax.set_ylabel("")
     ax_acc = fig.add_subplot(grid[0, len(shown)])
     for name in dict.fromkeys(curves["model"]):
-        sub = curves[curves["model"] == name]
+        sub = curves[curves["model"] == name].groupby("epoch", as_index=False)["test_top1"].mean()  # over seeds
         if name in shown:
             ax_acc.plot(sub["epoch"], sub["test_top1"], marker="o", markersize=4, lw=2.2,
                         color=palette[name], label=name)
@@ -175,6 +183,64 @@ def sweep_dashboard(weights: Mapping[str, object], curves: pd.DataFrame,
     ax_sp.set_ylim(0, 1.12)
     ax_sp.set_ylabel("share of final-layer weights")
     ax_sp.set_title("sparsity after training")
+    if title:
+        fig.suptitle(title, fontweight="bold")
+    return fig
+
+
+def frontier(points: Mapping[str, tuple], xlabel: str, ylabel: str, title: str = "", ax=None):
+    """One marker per run at (x, y) with both 95% intervals as error bars: e.g. accuracy against sparsity.
+
+    `points` maps a run to (x, y), each a `dka.stats.Interval` (or a plain number).
+    """
+    if not points:
+        raise ValueError("frontier needs at least one run")
+    fig, ax = _new_axes(ax, (6.0, 4.2))
+    for run, (x, y) in points.items():
+        xm, ym = getattr(x, "mean", x), getattr(y, "mean", y)
+        xerr = [[xm - x.low], [x.high - xm]] if getattr(x, "n", 1) > 1 else None
+        yerr = [[ym - y.low], [y.high - ym]] if getattr(y, "n", 1) > 1 else None
+        ax.errorbar([xm], [ym], xerr=xerr, yerr=yerr, fmt="o", color=model_color(run), capsize=3, label=run)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+    ax.legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8, title="run")
+    return fig
+
+
+def share_sweep(ours: Mapping[float, object], paper: Mapping[float, float], ours_baseline=None,
+                paper_baseline: float | None = None, ours_label: str = "this run", paper_label: str = "paper",
+                ylabel: str = "top-1 (%)", title: str = ""):
+    """Accuracy against the share of the head's inputs that K routes (log axis), ours and the paper's.
+
+    Heads of different widths are compared by K / inputs (the paper's K = 5 routes 1% of 512 features),
+    and ours and the paper's numbers are drawn in two panels (different data), each with its dense
+    baseline as a dashed line. `ours` maps a share (%) to an Interval or a number.
+    """
+    fig, axes = plt.subplots(1, 2 if paper else 1, figsize=(11.5 if paper else 6.0, 3.9), layout="constrained",
+                             squeeze=False)
+    panels = [(axes[0][0], ours, ours_baseline, ours_label)]
+    if paper:
+        panels.append((axes[0][1], paper, paper_baseline, paper_label))
+    for ax, points, base, label in panels:
+        shares = sorted(points)
+        means = np.array([getattr(points[s], "mean", points[s]) for s in shares], dtype=float)
+        lows = np.array([getattr(points[s], "low", np.nan) for s in shares], dtype=float)
+        highs = np.array([getattr(points[s], "high", np.nan) for s in shares], dtype=float)
+        ax.plot(shares, means, "o-", color=model_color("res18-d5a"), label="Dynamic-K head")
+        if not np.isnan(lows).all():
+            ax.fill_between(shares, lows, highs, color=model_color("res18-d5a"), alpha=0.2, lw=0)
+        if base is not None:
+            bm = getattr(base, "mean", base)
+            ax.axhline(bm, color=model_color("res18"), ls="--", lw=1.2, label="dense head")
+            if getattr(base, "n", 1) > 1:
+                ax.axhspan(base.low, base.high, color=model_color("res18"), alpha=0.08, lw=0)
+        ax.set_xscale("log")
+        ax.set_xlabel("K / inputs of the head (%)")
+        ax.set_ylabel(ylabel)
+        ax.set_title(label, fontsize=10)
+        ax.legend(loc="lower right", fontsize=8)
     if title:
         fig.suptitle(title, fontweight="bold")
     return fig
