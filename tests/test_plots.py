@@ -10,6 +10,7 @@ matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+import torch  # noqa: E402
 import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 from PIL import Image  # noqa: E402
@@ -210,3 +211,22 @@ def test_save_json_writes_strict_json(tmp_path):
     text = path.read_text()
     assert "NaN" not in text and "Infinity" not in text
     assert _json.loads(text) == {"a": None, "b": 0.5, "c": [3, None], "d": [0, 1]}
+
+
+def test_method_panels_and_maps_show_absence_and_truth():
+    import pandas as pd
+
+    from dka import summaries
+
+    scores = pd.DataFrame({"method": ["res18", "res18", "coda-s", "coda-s"], "seed": [0, 1, 0, 1],
+                           "localisation": [0.4, 0.5, 0.7, 0.8], "recovery precision": [0.3, 0.5, np.nan, np.nan]})
+    table = summaries.method_table(scores)
+    assert list(table["method"]) == ["res18", "coda-s"]
+    assert table.loc[0, "localisation"] == "0.450 ± 0.071" and table.loc[1, "recovery precision"] == "–"
+    fig = plots.metric_panels(scores, ["localisation", "recovery precision"])
+    assert "n/a" in _texts(fig)
+    images = torch.randn(2, 3, 8, 8)
+    masks = torch.zeros(2, 8, 8, dtype=torch.bool)
+    masks[:, 2:5, 2:5] = True
+    fig = plots.method_maps(images, masks, {"a": torch.rand(2, 8, 8), "b": torch.rand(2, 8, 8)}, ["x", "y"])
+    assert [ax.get_title() for ax in fig.axes[:4]] == ["image", "true concepts", "a", "b"]

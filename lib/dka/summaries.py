@@ -20,7 +20,7 @@ from dka.models import parse_name
 from dka.stats import Interval, bootstrap_interval, mcnemar, mean_interval, paired_difference
 
 __all__ = ["per_seed", "over_seeds", "differences", "mcnemar_per_seed", "fmt", "cell", "bootstrap_share",
-           "interval_note", "run_table", "head_k_share"]
+           "interval_note", "run_table", "head_k_share", "method_table"]
 
 
 def over_seeds(values: Mapping[str, Sequence[float]]) -> dict[str, Interval]:
@@ -141,3 +141,25 @@ def run_table(results: Mapping[str, Sequence], evals: Mapping[str, Sequence[Coll
         })
         intervals[run] = iv
     return pd.DataFrame(rows), intervals
+
+
+def method_table(scores: pd.DataFrame, key: str = "method") -> pd.DataFrame:
+    """One row per `key` value, each numeric column as "mean ± sd" over its rows (the seeds).
+
+    A column that is NaN for every seed of a row (the metric does not apply) shows "–".
+    """
+    numeric = [c for c in scores.columns if c not in (key, "seed") and pd.api.types.is_numeric_dtype(scores[c])]
+    rows = []
+    for name, group in scores.groupby(key, sort=False):
+        row = {key: name, "seeds": len(group)}
+        for column in numeric:
+            values = group[column].to_numpy(dtype=float)
+            if np.isnan(values).all():
+                row[column] = "–"
+                continue
+            values = values[~np.isnan(values)]
+            digits = 3 if np.nanmax(np.abs(values)) < 2 else 1
+            sd = values.std(ddof=1) if len(values) > 1 else float("nan")
+            row[column] = f"{values.mean():.{digits}f}" + ("" if sd != sd else f" ± {sd:.{digits}f}")
+        rows.append(row)
+    return pd.DataFrame(rows)

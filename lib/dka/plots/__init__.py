@@ -10,12 +10,12 @@ notebooks short and lets the helpers be tested. Writing them to `results/` is `d
 - `explanations`  Fig. 7 per-image explanations, Fig. 6 class -> unit -> concept graphs
 """
 
-from dka.plots.explanations import concept_graph, display_rgb, explanation_figure
+from dka.plots.explanations import concept_graph, display_rgb, explanation_figure, method_maps
 from dka.plots.style import SPARSITY_LABELS, model_color, model_palette, use_style
 from dka.plots.training import (accuracy_curves, frontier, model_lines, paper_comparison_bars, sparsity_curves,
-                                share_sweep, sweep_dashboard)
+                                metric_panels, share_sweep, sweep_dashboard)
 from dka.plots.weights import color_limit, weight_heatmap, weight_heatmaps
 
 __all__ = ["use_style", "model_palette", "model_color", "SPARSITY_LABELS", "accuracy_curves",
            "sparsity_curves", "frontier", "share_sweep", "paper_comparison_bars", "model_lines", "sweep_dashboard", "weight_heatmap",
-           "weight_heatmaps", "color_limit", "explanation_figure", "concept_graph", "display_rgb"]
+           "weight_heatmaps", "color_limit", "explanation_figure", "method_maps", "metric_panels", "concept_graph", "display_rgb"]

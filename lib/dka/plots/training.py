@@ -14,7 +14,7 @@ from dka.plots.weights import weight_heatmap
 from dka.stats import mean_interval
 
 __all__ = ["accuracy_curves", "sparsity_curves", "paper_comparison_bars", "model_lines", "sweep_dashboard", "frontier",
-           "share_sweep"]
+           "share_sweep", "metric_panels"]
 
 
 def _t_band(values) -> tuple[float, float]:
@@ -241,6 +241,30 @@ def share_sweep(ours: Mapping[float, object], paper: Mapping[float, float], ours
         ax.set_ylabel(ylabel)
         ax.set_title(label, fontsize=10)
         ax.legend(loc="lower right", fontsize=8)
+    if title:
+        fig.suptitle(title, fontweight="bold")
+    return fig
+
+
+def metric_panels(scores: pd.DataFrame, columns: Sequence[str], key: str = "method", title: str = ""):
+    """One panel per metric: a bar per method (mean over its rows, the seeds) with each seed as a dot.
+
+    Methods where a metric does not apply (all NaN) get no bar and a "n/a" mark, so absence is not
+    mistaken for zero.
+    """
+    names = list(dict.fromkeys(scores[key]))
+    fig, axes = plt.subplots(1, len(columns), figsize=(3.2 * len(columns) + 1.0, 4.2), layout="constrained",
+                             squeeze=False)
+    for ax, column in zip(axes[0], columns):
+        for i, name in enumerate(names):
+            values = scores.loc[scores[key] == name, column].to_numpy(dtype=float)
+            if np.isnan(values).all():
+                ax.text(i, 0, "n/a", ha="center", va="bottom", fontsize=8, color="0.4")
+                continue
+            ax.bar(i, np.nanmean(values), 0.7, color=model_color(name), alpha=0.85)
+            ax.plot(np.full(len(values), i), values, "o", color="0.15", markersize=3)
+        ax.set_xticks(range(len(names)), names, rotation=40, ha="right", fontsize=8)
+        ax.set_title(column, fontsize=10)
     if title:
         fig.suptitle(title, fontweight="bold")
     return fig
