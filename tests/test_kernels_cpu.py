@@ -156,8 +156,9 @@ def test_autocast_kernel_equals_pytorch_path(monkeypatch):
     assert yk.dtype == yp.dtype == torch.bfloat16
     assert torch.equal(mk, mp), "the two paths routed through different (output, input) pairs"
     torch.testing.assert_close(yk.float(), yp.float(), rtol=1e-2, atol=1e-2)  # fp32 sums, one bf16 rounding
+    # fp32 sums in another order, then one rounding to bf16 (the autocast weight's dtype)
     torch.testing.assert_close(gxk, gxp, rtol=1e-2, atol=1e-2)
-    torch.testing.assert_close(gwk, gwp, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(gwk, gwp, rtol=1e-2, atol=1e-2)
 
 
 def test_routing_mask_and_conv_through_the_kernel():

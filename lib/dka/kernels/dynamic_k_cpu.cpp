@@ -97,12 +97,12 @@ template <> struct Traits<uint16_t> {  // bfloat16, passed as its bits
   typedef uint32_t VUKey __attribute__((vector_size(kVectorBytes)));
   static float widen(uint16_t v) { return bf16_to_float(v); }
   // The fp32 product of two bfloat16 values is exact; c10::BFloat16 then rounds it to nearest
-  // even. NaN stays NaN (its payload does not matter: keys canonicalise it).
+  // even. NaN stays NaN (rounding could carry a low-payload NaN into infinity).
   static VVal product(VVal x, VVal w) {
     const VVal p = x * w;
     const VUKey u = bit_cast<VUKey>(p);
     const VUKey rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u;
-    return bit_cast<VVal>(rounded);
+    return p != p ? p : bit_cast<VVal>(rounded);
   }
 };
 
