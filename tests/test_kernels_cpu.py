@@ -171,6 +171,13 @@ def test_routing_mask_and_conv_through_the_kernel():
     expected = torch.zeros(40, 24, dtype=torch.bool)
     expected[torch.arange(40)[None, :, None, None, None].expand_as(cidx), cidx] = True
     assert torch.equal(conv.routing_mask, expected)
+    # a non-contiguous mask takes the PyTorch marking; same result
+    x, w = torch.randn(7, 30).relu(), torch.randn(9, 30)
+    for mask in (torch.zeros(9, 30, dtype=torch.bool), torch.zeros(30, 9, dtype=torch.bool).t()):
+        dynamic_k_linear(x, w, None, 4, mask)
+        want = torch.zeros(9, 30, dtype=torch.bool)
+        want[torch.arange(9)[None, :, None].expand(7, 9, 4), lowest_index_first(x, w, 4)] = True
+        assert torch.equal(mask, want)
 
 
 def test_results_do_not_depend_on_the_thread_count():

@@ -57,7 +57,7 @@ __all__ = ["cpu_kernel_available", "cpu_select", "cpu_dynamic_k_linear", "build_
 
 DISABLE_ENV = "DKA_DISABLE_CPU_KERNEL"
 _SOURCE = Path(__file__).with_name("dynamic_k_cpu.cpp")
-_ABI_VERSION = 1
+_ABI_VERSION = 2
 _DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2}
 # Tried in order; the first set the compiler accepts wins (-march=native: the build is for this
 # machine; -fopenmp: threads; without them the kernel still works, slower).
@@ -163,6 +163,8 @@ def _library() -> ctypes.CDLL | None:
     lib.dka_dynamic_k_forward.restype = c_int
     lib.dka_dynamic_k_backward.argtypes = [c_int, ptr, ptr, ptr, ptr, c_int, i64, i64, i64, i64, ptr, ptr, c_int]
     lib.dka_dynamic_k_backward.restype = c_int
+    lib.dka_dynamic_k_mark_routed.argtypes = [ptr, c_int, i64, i64, i64, i64, ptr, c_int]
+    lib.dka_dynamic_k_mark_routed.restype = c_int
     return lib
 
 
@@ -214,18 +216,32 @@ def cpu_select(x: Tensor, weight: Tensor, k: int, want_indices: bool) -> tuple[T
     return sums, indices
 
 
+def _mark_routed(routing_mask: Tensor, indices: Tensor) -> None:
+    """`dka._core.mark_routed` in C++: no (rows, out, K) int64 copy of the indices."""
+    if not routing_mask.is_contiguous():
+        from dka._core import mark_routed
+
+        mark_routed(routing_mask, indices)
+        return
+    rows, out_features, k = indices.shape
+    if rows and out_features:
+        status = _require_library().dka_dynamic_k_mark_routed(
+            indices.data_ptr(), indices.dtype.itemsize, rows, out_features, routing_mask.shape[1], k,
+            routing_mask.data_ptr(), torch.get_num_threads())
+        if status != 0:
+            raise RuntimeError(f"dka CPU kernel: marking the routing mask failed with status {status}")
+
+
 class _CpuDynamicKFunction(torch.autograd.Function):
     """Forward and backward through the C++ kernel; saves what `DynamicKFunction` saves."""
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, k: int,
                 routing_mask: Tensor | None) -> Tensor:
-        from dka._core import mark_routed
-
         need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         sums, indices = cpu_select(x, weight, k, want_indices=need_grad or routing_mask is not None)
         if routing_mask is not None:
-            mark_routed(routing_mask, indices)
+            _mark_routed(routing_mask, indices)
         if bias is not None:
             sums += bias.to(sums.dtype)
         if need_grad:

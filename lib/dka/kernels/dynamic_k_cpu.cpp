@@ -23,7 +23,7 @@
 // set; only the lane-mask extraction uses an x86 intrinsic where there is one.
 //
 // Backward scatters through the saved indices: dx parallel over rows, dW parallel over output
-// blocks, so no two threads ever add into the same element.
+// blocks, so no two threads ever add into the same element; the routing mask likewise.
 
 #include <algorithm>
 #include <cstdint>
@@ -342,6 +342,28 @@ void backward(const S* x, const S* w, const S* g, const I* idx, int64_t rows, in
   }
 }
 
+// mask[c, i] = 1 where some row routed output c through input i (the trainer's never_routed
+// statistic): each thread owns a block of outputs, so no two threads write one byte.
+template <typename I>
+void mark_routed(const I* idx, int64_t rows, int64_t out, int64_t in, int64_t k, uint8_t* mask, int threads) {
+#pragma omp parallel num_threads(threads)
+  {
+    int nt = 1, t = 0;
+#ifdef _OPENMP
+    nt = omp_get_num_threads();
+    t = omp_get_thread_num();
+#endif
+    const int64_t c0 = out * t / nt, c1 = out * (t + 1) / nt;
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t c = c0; c < c1; ++c) {
+        const I* sel = idx + (r * out + c) * k;
+        uint8_t* __restrict row = mask + c * in;
+        for (int64_t j = 0; j < k; ++j) row[sel[j]] = 1;
+      }
+    }
+  }
+}
+
 template <typename F>
 int by_dtype(int dtype, int index_bytes, F&& f) {  // f(S*, I*): tags for the storage and index types
   if (index_bytes != 2 && index_bytes != 4) return 2;
@@ -390,6 +412,19 @@ int dka_dynamic_k_backward(int dtype, const void* x, const void* w, const void* 
   });
 }
 
-int dka_dynamic_k_abi_version() { return 1; }
+// mask: bool (out, in), contiguous, OR-ed with the selection in idx (rows, out, k).
+int dka_dynamic_k_mark_routed(const void* idx, int index_bytes, int64_t rows, int64_t out, int64_t in,
+                              int64_t k, void* mask, int threads) {
+  if (index_bytes == 2) {
+    mark_routed(static_cast<const int16_t*>(idx), rows, out, in, k, static_cast<uint8_t*>(mask), threads);
+  } else if (index_bytes == 4) {
+    mark_routed(static_cast<const int32_t*>(idx), rows, out, in, k, static_cast<uint8_t*>(mask), threads);
+  } else {
+    return 2;
+  }
+  return 0;
+}
+
+int dka_dynamic_k_abi_version() { return 2; }
 
 }  // extern "C"
