@@ -35,8 +35,8 @@ from dka.checkpoint import load_checkpoint
 from dka.progress import widgets_available
 
 __all__ = ["Stage", "setup", "project_root", "train_models", "torchrun_argv", "final_sparsity", "checkpoints",
-           "shared_data", "interactive_figure", "k_slider", "SliderView", "recorded_duration", "missing_runs",
-           "require_runs"]
+           "checkpoint_manifest", "shared_data", "recorded_duration", "missing_runs", "require_runs",
+           "interactive_figure", "k_slider", "SliderView"]
 
 
 @dataclass(frozen=True)
@@ -157,6 +157,19 @@ def checkpoints(run_dir: str | Path) -> dict[int, Path]:
     for path in sorted(Path(run_dir).glob("checkpoint_epoch*.pt")):
         found[int(load_checkpoint(path)["epoch"])] = path
     return dict(sorted(found.items()))
+
+
+def checkpoint_manifest(runs_dir: str | Path) -> dict[str, dict[str, str]]:
+    """model -> {checkpoint file: sha256} of every `.pt` file under `runs_dir/<model>/`.
+
+    02 writes it next to its results (committed) and 03/04 depend on it in dvc.yaml: it changes exactly
+    when a checkpoint does, and a fresh clone has it where it has no runs/.
+    """
+    from dka.data.download import file_digest
+
+    runs_dir = Path(runs_dir)
+    return {run.name: {p.name: file_digest(p) for p in sorted(run.glob("*.pt"))}
+            for run in sorted(runs_dir.iterdir()) if run.is_dir()} if runs_dir.is_dir() else {}
 
 
 def shared_data() -> Path | None:

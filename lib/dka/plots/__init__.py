@@ -7,14 +7,14 @@ notebooks short and lets the helpers be tested. Writing them to `results/` is `d
 - `style`         use_style, model_palette, the "ours"/"paper" colours
 - `training`      accuracy and sparsity curves, K-sweep bars, per-model lines, the K-slider view
 - `weights`       Fig. 4(b) weight heatmaps
-- `explanations`  Fig. 7 per-image explanations, Fig. 6 class -> unit -> concept graphs
+- `explanations`  Fig. 7 per-image explanations, Fig. 6 class -> unit -> concept graphs, localisation bars
 """
 
-from dka.plots.explanations import concept_graph, display_rgb, explanation_figure
+from dka.plots.explanations import concept_graph, display_rgb, explanation_figure, localisation_bars
 from dka.plots.style import OURS_COLOR, PAPER_COLOR, SPARSITY_LABELS, model_palette, use_style
 from dka.plots.training import accuracy_curves, model_lines, paper_comparison_bars, sparsity_curves, sweep_dashboard
 from dka.plots.weights import weight_heatmap, weight_heatmaps
 
 __all__ = ["use_style", "model_palette", "OURS_COLOR", "PAPER_COLOR", "SPARSITY_LABELS", "accuracy_curves",
            "sparsity_curves", "paper_comparison_bars", "model_lines", "sweep_dashboard", "weight_heatmap",
-           "weight_heatmaps", "explanation_figure", "concept_graph", "display_rgb"]
+           "weight_heatmaps", "explanation_figure", "concept_graph", "display_rgb", "localisation_bars"]
