@@ -76,7 +76,8 @@ def test_offline_download_fails_in_one_line(tmp_path, monkeypatch, capsys):
     # nothing listens on the discard port of the loopback address: the connection is refused, as offline
     unreachable = "http://127.0.0.1:9/broden1_224.zip"
     real = download.download_broden
-    monkeypatch.setattr(download, "download_broden", lambda root: real(root, url=unreachable, progress=False))
+    monkeypatch.setattr(download, "download_broden",
+                        lambda root, **kw: real(root, url=unreachable, progress=False, **kw))
     assert data_main(["download", "broden", "--root", str(tmp_path / "root")]) == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "Traceback" not in err

@@ -52,6 +52,7 @@ class Stage:
         runtime: the profile's `runtime` settings (device, workers, amp, seed, ...).
         out: `results/<profile>/<stage>/` — figures, tables, metrics (kept in git).
         runs: `runs/<profile>/<stage>/` — checkpoints (DVC cache, ignored by git).
+        section: the key of the profile `config` is (e.g. "cifar").
     """
 
     profile: str
@@ -62,6 +63,7 @@ class Stage:
     runtime: dict
     out: Path
     runs: Path
+    section: str = ""
 
     def path(self, relative: str | os.PathLike) -> Path:
         """A path of params.yaml (relative to the project root) made absolute."""
@@ -102,7 +104,8 @@ def setup(profile: str, stage: str, section: str, params_file: str = "params.yam
     plots.use_style()
     print(f"profile {profile}: results -> {out.relative_to(root)}")
     result = Stage(profile=profile, name=stage, root=root, params=params[profile], config=params[profile][section],
-                   runtime=params[profile]["runtime"], out=out, runs=root / "runs" / profile / stage)
+                   runtime=params[profile]["runtime"], out=out, runs=root / "runs" / profile / stage,
+                   section=section)
     note = _training_note(result)
     if note:
         print(note)
@@ -228,7 +231,7 @@ def require_runs(stage: Stage, source: str, source_section: str, models: Sequenc
     foreign = [m for m in missing if m not in trained]
     if foreign:
         raise FileNotFoundError(f"{stage.name} reads {foreign}, which {source} does not train: list in "
-                                f"{stage.profile}.{stage.name.split('_', 1)[-1]} only models of "
+                                f"{stage.profile}.{stage.section or '<section>'} only models of "
                                 f"{stage.profile}.{source_section}.models ({trained})")
     took = _about(recorded_duration(stage.root, stage.profile, source), stage.profile)
     raise FileNotFoundError(

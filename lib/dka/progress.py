@@ -40,13 +40,7 @@ def in_kernel() -> bool:
     return getattr(get_ipython(), "kernel", None) is not None
 
 
-def widgets_available() -> bool:
-    """Whether to create interactive widgets: in a kernel where ipywidgets imports (DKA_WIDGETS forces)."""
-    forced = _forced()
-    if forced is not None:
-        return forced
-    if not in_kernel():
-        return False
+def _ipywidgets_importable() -> bool:
     try:
         import ipywidgets  # noqa: F401
     except ImportError:
@@ -54,14 +48,20 @@ def widgets_available() -> bool:
     return True
 
 
+def _frontend_attached() -> bool:
+    return "google.colab" in sys.modules or any(os.environ.get(v) for v in _FRONTEND_VARIABLES)
+
+
+def widgets_available() -> bool:
+    """Whether to create interactive widgets: in a kernel where ipywidgets imports (DKA_WIDGETS forces)."""
+    forced = _forced()
+    return forced if forced is not None else in_kernel() and _ipywidgets_importable()
+
+
 def widget_frontend_available() -> bool:
     """Whether progress bars should be widgets: a kernel with a front-end known to render them."""
     forced = _forced()
-    if forced is not None:
-        return forced
-    if not in_kernel():
-        return False
-    return "google.colab" in sys.modules or any(os.environ.get(v) for v in _FRONTEND_VARIABLES)
+    return forced if forced is not None else in_kernel() and _frontend_attached()
 
 
 def tqdm(*args, **kwargs):

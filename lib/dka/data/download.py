@@ -171,12 +171,13 @@ def extract(archive: str | os.PathLike, into: str | os.PathLike) -> Path:
     return into
 
 
-def download_broden(root: str | os.PathLike, url: str = BRODEN_URL, progress: bool = True) -> Path:
-    """broden1_224 (~1 GB) into root/broden1_224."""
+def download_broden(root: str | os.PathLike, url: str = BRODEN_URL, progress: bool = True, *,
+                    checksum: bool = True) -> Path:
+    """broden1_224 (~1 GB) into root/broden1_224 (`checksum=False`: accept it without `CHECKSUMS`' value)."""
     root = Path(root)
     if (root / "broden1_224" / "index.csv").is_file():
         return root / "broden1_224"
-    archive = fetch(url, root / "broden1_224.zip", CHECKSUMS.get(url), progress)
+    archive = fetch(url, root / "broden1_224.zip", CHECKSUMS.get(url) if checksum else None, progress)
     extract(archive, root)
     if not (root / "broden1_224" / "index.csv").is_file():
         raise FileNotFoundError(f"{archive} did not contain broden1_224/index.csv")
@@ -185,7 +186,7 @@ def download_broden(root: str | os.PathLike, url: str = BRODEN_URL, progress: bo
 
 
 def download_places365(root: str | os.PathLike, fmt: str = "torchvision", url: str = PLACES365_EASY_URL,
-                       progress: bool = True) -> Path:
+                       progress: bool = True, *, checksum: bool = True) -> Path:
     """Places365-standard 256 px images: torchvision's layout (md5-verified by torchvision) or the easy format."""
     root = Path(root)
     if fmt == "torchvision":
@@ -198,7 +199,7 @@ def download_places365(root: str | os.PathLike, fmt: str = "torchvision", url: s
         raise ValueError(f"Places365 format must be 'torchvision' or 'easy', got {fmt!r}")
     if (root / "places365_standard" / "train").is_dir():
         return root / "places365_standard"
-    archive = fetch(url, root / Path(url).name, CHECKSUMS.get(url), progress)
+    archive = fetch(url, root / Path(url).name, CHECKSUMS.get(url) if checksum else None, progress)
     extract(archive, root)
     archive.unlink()
     return root / "places365_standard"
