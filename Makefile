@@ -62,9 +62,10 @@ bench: setup
 		$(PY) bench/kernels.py --quick; else echo "bench/kernels.py: skipped (needs a CUDA GPU)"; fi
 
 # The venv's JupyterLab (ipywidgets' front-end extension ships with jupyterlab_widgets) and its kernel
-# "Python 3 (dka)"; dvc and papermill on PATH for its terminals.
+# "Python 3 (dka)"; dvc and papermill on PATH for its terminals. Jupyter refuses root unless told (containers).
 lab: setup
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/jupyter lab --ServerApp.root_dir="$(CURDIR)" $(LAB_ARGS) notebooks/01_cifar.ipynb
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/jupyter lab --ServerApp.root_dir="$(CURDIR)" \
+		$(if $(filter 0,$(shell id -u)),--allow-root) $(LAB_ARGS) notebooks/01_cifar.ipynb
 
 clean-venv:
 	rm -rf $(VENV)
