@@ -212,3 +212,16 @@ def test_save_json_writes_strict_json(tmp_path):
     text = path.read_text()
     assert "NaN" not in text and "Infinity" not in text
     assert _json.loads(text) == {"a": None, "b": 0.5, "c": [3, None], "d": [0, 1]}
+
+
+def test_localisation_bars_show_every_method_model_and_the_chance_level():
+    table = pd.DataFrame({"model": ["res18-d5a", "res18-d5a", "res18", "res18"],
+                          "method": ["dka", "integrated_gradients"] * 2, "share": [0.5, 0.6, 0.48, np.nan],
+                          "share_sd": [0.2, 0.25, 0.3, np.nan], "mask_area": [0.4, 0.4, 0.42, 0.42]})
+    fig = plots.localisation_bars(table, title="where")
+    texts = _texts(fig)
+    assert "res18-d5a" in texts and "res18" in texts and "mask area (41 %): chance" in texts
+    assert any("Integrated Gradients" in t for t in texts) and any("built-in" in t for t in texts)
+    bars = [p for p in fig.axes[0].patches]
+    assert sorted(round(b.get_height(), 1) for b in bars if not np.isnan(b.get_height())) == [48.0, 50.0, 60.0]
+    assert "60" in [t.get_text() for t in fig.axes[0].texts]

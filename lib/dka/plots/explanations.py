@@ -155,8 +155,8 @@ def concept_graph(
     return save_figure(fig, path, dpi=130)
 
 
-METHOD_LABELS = {"dka": "built-in decomposition", "grad_cam": "Grad-CAM (Captum)",
-                 "integrated_gradients": "Integrated Gradients (Captum)"}
+METHOD_LABELS = {"dka": "built-in\ndecomposition", "grad_cam": "Grad-CAM\n(Captum)",
+                 "integrated_gradients": "Integrated Gradients\n(Captum)"}
 
 
 def localisation_bars(table: pd.DataFrame, title: str = "Where the explanations put the evidence") -> Figure:
@@ -176,7 +176,7 @@ def localisation_bars(table: pd.DataFrame, title: str = "Where the explanations 
         bars = ax.bar(x, 100 * rows["share"], width, yerr=100 * rows["share_sd"].fillna(0), capsize=3,
                       color=colors[m % len(colors)], label=model)
         ax.bar_label(bars, labels=[("" if np.isnan(v) else f"{100 * v:.0f}") for v in rows["share"]],
-                     padding=2, fontsize=8)
+                     label_type="center", fontsize=9, color="white", fontweight="bold")
     chance = 100 * float(table["mask_area"].mean())
     ax.axhline(chance, color="0.3", ls=":", lw=1.2, label=f"mask area ({chance:.0f} %): chance")
     ax.set_xticks(np.arange(len(methods)), [METHOD_LABELS.get(m, m) for m in methods])
