@@ -3,6 +3,7 @@
 #   make repro   dvc repro at the profile named in params.yaml (default: demo, CPU, < 30 min);
 #                make repro PROFILE=smoke|cifar-cpu|paper for another profile
 #   make bench   print the benchmark tables (never asserts timings)
+#   make lab     JupyterLab on the notebooks, with the project's kernel and the K sliders (LAB_ARGS=... to add options)
 
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
@@ -11,7 +12,7 @@ STAMP  := $(VENV)/.dka-installed
 TRITON := triton==3.9.0
 PROFILE ?=
 
-.PHONY: setup test test-lib test-notebooks repro bench clean-venv
+.PHONY: setup test test-lib test-notebooks repro bench lab clean-venv
 
 setup: $(STAMP)
 
@@ -60,6 +61,11 @@ bench: setup
 	@if $(PY) -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then \
 		$(PY) bench/kernels.py --quick; else echo "bench/kernels.py: skipped (needs a CUDA GPU)"; fi
 
+# The venv's JupyterLab (ipywidgets' front-end extension ships with jupyterlab_widgets) and its kernel
+# "Python 3 (dka)"; dvc and papermill on PATH for its terminals. Jupyter refuses root unless told (containers).
+lab: setup
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/jupyter lab --ServerApp.root_dir="$(CURDIR)" \
+		$(if $(filter 0,$(shell id -u)),--allow-root) $(LAB_ARGS) notebooks/01_cifar.ipynb
 
 clean-venv:
 	rm -rf $(VENV)

@@ -28,7 +28,7 @@ STAGES = DVC["stages"]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 # What each notebook reads from its profile section (a missing key would fail only at run time).
 SECTION_KEYS = {
-    "runtime": {"device", "workers", "amp", "seed", "fresh_runs", "nproc_per_node"},
+    "runtime": {"device", "workers", "amp", "fresh_runs", "nproc_per_node"},
     "cifar": {"dataset", "root", "models", "train", "slider_default"},
     "places": {"dataset", "root", "models", "train", "overrides", "slider_default"},
     "dissect": {"broden_root", "caffe", "layer", "batch_size", "models", "over_training", "iou_threshold",
@@ -54,6 +54,8 @@ def test_default_profile_is_demo_and_profiles_are_complete():
         for section, keys in SECTION_KEYS.items():
             missing = keys - set(PARAMS[profile][section])
             assert not missing, f"{profile}.{section} lacks {sorted(missing)}"
+        runtime = PARAMS[profile]["runtime"]
+        assert ("seed" in runtime) != ("seeds" in runtime), f"{profile}.runtime needs one of seed / seeds"
 
 
 def test_every_stage_runs_its_notebook_at_the_templated_profile():
@@ -64,7 +66,8 @@ def test_every_stage_runs_its_notebook_at_the_templated_profile():
         notebook = f"notebooks/{name}.ipynb"
         assert (ROOT / notebook).is_file()
         cmd = " ".join(do["cmd"].split())
-        assert f"papermill --cwd notebooks {notebook} results/${{item}}/{name}/{name}.ipynb" in cmd
+        # the notebook's output streams to the terminal; recorded notebooks carry no dead slider widgets
+        assert f"DKA_WIDGETS=0 papermill --log-output --cwd notebooks {notebook} results/${{item}}/{name}/{name}.ipynb" in cmd
         assert cmd.endswith("-p profile ${item}")
         assert notebook in do["deps"] and "lib/dka" in do["deps"]
         outs = [next(iter(o)) if isinstance(o, dict) else o for o in do["outs"]]
@@ -91,9 +94,22 @@ def test_downstream_stages_depend_on_the_outputs_they_read():
     for name, stage in STAGES.items():
         for dep in stage["do"]["deps"]:
             if dep.startswith(("runs/", "results/")):
-                assert any(dep in o for o in outs.values()), f"{name} depends on {dep}, which no stage writes"
-    assert "runs/${item}/02_places_sweep" in STAGES["03_dissect"]["do"]["deps"]
+                assert any(dep == o or dep.startswith(o + "/") for written in outs.values() for o in written), \
+                    f"{name} depends on {dep}, which no stage writes"
+    # 03/04 read 02's checkpoints; they depend on its manifest, which a fresh clone has (`dvc repro --dry`)
+    for name in ("03_dissect", "04_instance_explain"):
+        assert "results/${item}/02_places_sweep/checkpoints.json" in STAGES[name]["do"]["deps"]
+        assert not [d for d in STAGES[name]["do"]["deps"] if d.startswith("runs/")]
     assert "results/${item}/03_dissect" in STAGES["04_instance_explain"]["do"]["deps"]
+
+
+def test_metrics_and_plots_are_declared_for_dvc():
+    assert DVC["metrics"] == [f"results/${{profile}}/{name}/metrics.json" for name in STAGES]
+    for plot in DVC["plots"]:
+        path = Path(plot if isinstance(plot, str) else next(iter(plot)))
+        assert path.parts[:2] == ("results", "${profile}") and path.parts[2] in STAGES and path.suffix == ".png"
+        source = (ROOT / "notebooks" / f"{path.parts[2]}.ipynb").read_text()
+        assert path.name in source or path.name.startswith("fig6_graph_"), f"no notebook writes {path}"
 
 
 @pytest.mark.parametrize("profile", PROFILES)

@@ -16,6 +16,7 @@ from pathlib import Path
 import matplotlib.figure
 import numpy as np
 import pandas as pd
+from tabulate import tabulate
 
 from dka.atomic import atomic_write, write_text
 
@@ -36,29 +37,27 @@ def save_figure(fig: matplotlib.figure.Figure, path: str | os.PathLike, dpi: int
 
 
 def markdown_table(df: pd.DataFrame, floatfmt: str | Mapping[str, str] = ".2f", index: bool = False) -> str:
-    """GitHub-flavoured Markdown for a small table (no tabulate dependency).
+    """GitHub-flavoured Markdown for a small table (tabulate's pipe format, as `DataFrame.to_markdown`).
 
     `floatfmt` is one format for every float column or a {column: format} dict (others: ".2f");
-    NaN prints as an en dash, "|" is escaped.
+    NaN prints as an en dash and "|" is escaped, so the table renders on GitHub and in Jupyter.
     """
     frame = df.reset_index() if index else df
     formats = floatfmt if isinstance(floatfmt, Mapping) else {}
     default = ".2f" if isinstance(floatfmt, Mapping) else floatfmt
 
-    def cell(value, column) -> str:
-        if isinstance(value, (float, np.floating)):
-            return "–" if math.isnan(value) else format(float(value), formats.get(column, default))
-        if value is None:
-            return "–"
-        return str(value).replace("|", "\\|")
+    def cell(value):
+        if isinstance(value, str):
+            return value.replace("|", "\\|")
+        if value is None or (isinstance(value, (float, np.floating)) and math.isnan(value)):
+            return None  # tabulate's missing value
+        return value
 
-    header = [str(c).replace("|", "\\|") for c in frame.columns]
-    lines = ["| " + " | ".join(header) + " |"]
-    aligns = ["---:" if pd.api.types.is_numeric_dtype(frame[c]) else ":---" for c in frame.columns]
-    lines.append("| " + " | ".join(aligns) + " |")
-    for row in frame.itertuples(index=False):
-        lines.append("| " + " | ".join(cell(v, c) for v, c in zip(row, frame.columns)) + " |")
-    return "\n".join(lines) + "\n"
+    # tabulate itself (what DataFrame.to_markdown calls): a list of rows keeps None as its missing value,
+    # where a DataFrame would turn it back into NaN
+    rows = [[cell(v) for v in row] for row in frame.itertuples(index=False)]
+    return tabulate(rows, headers=[cell(str(c)) for c in frame.columns], tablefmt="pipe", missingval="–",
+                    floatfmt=[formats.get(c, default) for c in frame.columns]) + "\n"
 
 
 def save_table(df: pd.DataFrame, path_stem: str | os.PathLike, floatfmt: str | Mapping[str, str] = ".2f",
