@@ -36,6 +36,18 @@ def test_bootstrap_interval_covers_the_mean_and_shrinks_with_n():
     assert constant.low == constant.high == 1.0
 
 
+def test_bootstrap_difference_separates_shifted_samples_and_not_equal_ones():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(1.0, 1, 400), rng.normal(0.0, 1, 300)
+    shifted = stats.bootstrap_difference(a, b)
+    assert shifted.mean == pytest.approx(a.mean() - b.mean())
+    assert 0.7 < shifted.low < shifted.mean < shifted.high < 1.3
+    same = stats.bootstrap_difference(a, a[::-1])  # one sample, resampled twice: no difference
+    assert same.mean == pytest.approx(0, abs=1e-12) and same.low < 0 < same.high
+    with pytest.raises(ValueError, match="at least one item"):
+        stats.bootstrap_difference([], [1.0])
+
+
 def test_mcnemar_exact_counts_and_p_value():
     a = np.array([1, 1, 1, 1, 0, 0, 1, 1], bool)
     b = np.array([0, 0, 0, 1, 0, 1, 1, 1], bool)

@@ -22,7 +22,8 @@ from typing import Callable, Sequence
 import numpy as np
 from scipy import stats as _scipy_stats
 
-__all__ = ["Interval", "mean_interval", "bootstrap_interval", "mcnemar", "paired_difference", "CONFIDENCE"]
+__all__ = ["Interval", "mean_interval", "bootstrap_interval", "bootstrap_difference", "mcnemar", "paired_difference",
+           "CONFIDENCE"]
 
 CONFIDENCE = 0.95
 
@@ -95,6 +96,23 @@ def bootstrap_interval(items: Sequence | np.ndarray, statistic: Callable[[np.nda
     alpha = (1 - confidence) / 2
     low, high = np.nanquantile(draws, [alpha, 1 - alpha])
     return Interval(point, float(low), float(high), int(arr.shape[0]), float(np.nanstd(draws, ddof=1)), "bootstrap")
+
+
+def bootstrap_difference(items_a: Sequence[float], items_b: Sequence[float],
+                         statistic: Callable[[np.ndarray], float] = np.mean, n_boot: int = 2000,
+                         confidence: float = CONFIDENCE, seed: int = 0) -> Interval:
+    """statistic(A) - statistic(B) for two independent samples (e.g. the IoUs of two models' units, which
+    are not paired), with a percentile interval from resampling each sample on its own."""
+    a, b = np.asarray(items_a, dtype=np.float64), np.asarray(items_b, dtype=np.float64)
+    if a.size == 0 or b.size == 0:
+        raise ValueError("bootstrap_difference needs at least one item in each sample")
+    rng = np.random.default_rng(seed)
+    draws = np.array([statistic(a[rng.integers(0, a.size, a.size)]) - statistic(b[rng.integers(0, b.size, b.size)])
+                      for _ in range(n_boot)])
+    alpha = (1 - confidence) / 2
+    low, high = np.nanquantile(draws, [alpha, 1 - alpha])
+    return Interval(float(statistic(a) - statistic(b)), float(low), float(high), int(min(a.size, b.size)),
+                    float(np.nanstd(draws, ddof=1)), "bootstrap (independent samples)")
 
 
 def mcnemar(correct_a: Sequence[bool], correct_b: Sequence[bool]) -> dict:
