@@ -4,6 +4,7 @@ import pytest
 
 from dka import train
 from dka.checkpoint import load_checkpoint
+from dka import experiments
 from dka.experiments import final_sparsity, run_specs, torchrun_argv, train_models
 
 
@@ -97,3 +98,11 @@ def test_a_notebook_reading_missing_runs_names_the_command(tmp_path, monkeypatch
     final.write_bytes(b"")
     assert experiments.require_runs(stage, "02_places_sweep", "places", ["res18-d5a"]) == final.parent.parent.parent
     assert experiments.recorded_duration(tmp_path, "demo", "01_cifar") is None  # never recorded
+
+
+def test_seeds_come_from_the_section_then_the_runtime():
+    assert experiments.seeds_of({"seed": 3}) == [3]
+    assert experiments.seeds_of({"seed": 3, "seeds": [0, 1]}) == [0, 1]
+    # a notebook that compares methods may ask for more seeds than the rest of its profile
+    assert experiments.seeds_of({"seed": 3}, {"seeds": [0, 1, 2]}) == [0, 1, 2]
+    assert experiments.seeds_of({"seeds": [5]}, {"models": []}) == [5]

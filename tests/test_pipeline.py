@@ -35,8 +35,9 @@ SECTION_KEYS = {
                 "top_units", "weight_share", "max_concepts", "graph_classes", "reference_tally"},
     "explain": {"models", "num_images", "top_units", "seed"},
     "internal": {"dataset", "root", "models", "train", "dissect_batch_size", "weight_share", "max_concepts"},
+    "related": {"dataset", "root", "models", "train", "seeds", "posthoc", "eval_images", "example_images"},
 }
-TRAINED = ("cifar", "places", "internal")
+TRAINED = ("cifar", "places", "internal", "related")
 
 
 def _resolve(text: str, profile: str) -> str:

@@ -151,8 +151,11 @@ def run_specs(section: Mapping[str, Any]) -> list[RunSpec]:
     return specs
 
 
-def seeds_of(runtime: Mapping[str, Any]) -> list[int]:
-    """The seeds every run of the profile trains with: `runtime.seeds`, or `[runtime.seed]`."""
+def seeds_of(runtime: Mapping[str, Any], section: Mapping[str, Any] | None = None) -> list[int]:
+    """The seeds every run trains with: the section's own `seeds` (a notebook whose comparison needs more
+    seeds than the profile's others, e.g. 06), else `runtime.seeds`, else `[runtime.seed]`."""
+    if section is not None and section.get("seeds"):
+        return [int(s) for s in section["seeds"]]
     seeds = runtime.get("seeds")
     return [int(s) for s in seeds] if seeds else [int(runtime["seed"])]
 
@@ -177,7 +180,7 @@ def train_models(section: Mapping[str, Any] | Stage, runtime: Mapping[str, Any] 
     results: dict[str, list[train.RunResult]] = {}
     for spec in run_specs(section):
         results[spec.name] = []
-        for seed in seeds_of(runtime):
+        for seed in seeds_of(runtime, section):
             config = train.TrainConfig(
                 model=spec.model, data=section["dataset"], data_root=str(Path(root) / section["root"]),
                 out=str(runs_dir / spec.name / f"seed{seed}"), device=runtime["device"], workers=runtime["workers"],
