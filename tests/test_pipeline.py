@@ -18,7 +18,7 @@ import pytest
 import torch
 import yaml
 
-from dka import data, models, train
+from dka import data, experiments, models, train
 
 ROOT = Path(__file__).resolve().parents[1]
 PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text())
@@ -120,17 +120,18 @@ def test_models_fit_their_profile(profile):
     for section in TRAINED:
         cfg = p[section]
         assert cfg["dataset"] in data.DATASETS, f"{profile}.{section}.dataset"
-        for name in cfg["models"]:
-            spec = models.parse_name(name)
-            fields = {**cfg["train"], **cfg.get("overrides", {}).get(name, {})}
-            resolved = train.TrainConfig(model=name, data=cfg["dataset"], out="unused", **fields).resolved()
+        runs = experiments.run_specs(cfg)  # a models entry is a name or {run, model, <recipe changes>}
+        for run in runs:
+            spec = models.parse_name(run.model)
+            fields = {**cfg["train"], **run.overrides}
+            resolved = train.TrainConfig(model=run.model, data=cfg["dataset"], out="unused", **fields).resolved()
             with torch.device("meta"):  # shapes only: no memory, no time
-                models.build(name, num_classes=10, width=resolved.width)  # raises when a K is out of range
+                models.build(run.model, num_classes=10, width=resolved.width)  # raises when a K is out of range
             if section == "places":
-                assert resolved.save_checkpoint_epochs, f"{profile}: 03_dissect needs checkpoints of {name}"
-            assert spec.name == name
-        assert set(cfg.get("overrides", {})) <= set(cfg["models"])
-    ks = [models.parse_name(n).head_k for n in p["cifar"]["models"]]
+                assert resolved.save_checkpoint_epochs, f"{profile}: 03_dissect needs checkpoints of {run.name}"
+            assert spec.name == run.model
+        assert set(cfg.get("overrides", {})) <= {run.name for run in runs}
+    ks = [models.parse_name(run.model).head_k for run in experiments.run_specs(p["cifar"])]
     assert p["cifar"]["slider_default"] in ks, "the 01 slider default must be a trained K"
     ks = [models.parse_name(n).head_k for n in p["places"]["models"]]
     assert p["places"]["slider_default"] in ks, "the 02 slider default must be a trained K"
