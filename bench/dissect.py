@@ -85,7 +85,7 @@ def bench_scenes(preset: str, device: torch.device, batch_size: int, loop_images
     seg_np = torch.cat([s for s, _ in segs])[:k].numpy().astype(np.int64)
     il_list = [il for _, il in segs]
     m = max(x.shape[1] for x in il_list)
-    il_np = torch.cat([torch.nn.functional.pad(x, (0, m - x.shape[1])) for x in il_list])[:k].numpy()
+    il_np = torch.cat([torch.nn.functional.pad(x, (0, m - x.shape[1]), value=-1) for x in il_list])[:k].numpy()
     t_loop = loop_tally(store.batch(0, k).numpy(), thr, seg_np, il_np, ds.primary_category, len(ds.categories))
     units, h, w = store.shape[1:]
     print(f"{n} images, layer4 = {units} units x {h}x{w}, seg {ds.seg_size}, {len(ds.label_names) - 1} labels, "

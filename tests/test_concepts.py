@@ -85,3 +85,52 @@ def test_head_weight_from_model():
 
     m = build("res18-d2a", num_classes=3, width=2)
     assert C.head_weight(m).shape == (3, m.num_features)
+
+
+def _export(tmp_path):
+    root = tmp_path / "scenes"
+    root.mkdir()
+    (root / "classes.csv").write_text("class,name,concepts\n0,a,disc;dotted\n1,b,striped;sky-s;red-c\n2,c,red-c\n")
+    return root
+
+
+def test_composition_names(tmp_path):
+    root = _export(tmp_path)
+    assert C.composition_names(["a", "b", "c"], root) == ["disc + dotted", "striped + sky-s + red-c", "red-c"]
+    assert C.composition_names(["a", "zzz"], root) == ["disc + dotted", "zzz"]  # not in the export: kept
+    assert C.composition_names(["cat", "dog"], None) == ["cat", "dog"]
+    assert C.composition_names(["cat"], tmp_path) == ["cat"]  # no classes.csv: not a concept-scenes export
+    (root / "classes.csv").write_text("class,name\n0,a\n")
+    with pytest.raises(ValueError, match="no `concepts` column"):
+        C.composition_names(["a"], root)
+
+
+TRUTH = pd.DataFrame({"class": ["a", "a", "b", "b", "c"], "concept": ["disc", "dotted", "striped", "sky-s", "red-c"],
+                      "category": "x"})
+
+
+def test_recovery_table_marks_each_concept():
+    per = C.class_concepts(W, TALLY, ["a", "b", "c"], share=1.0)
+    table = C.recovery_table(per, TRUTH, ["disc + dotted", "striped + sky-s", "red-c"]).set_index("class")
+    assert table.loc["disc + dotted", "concepts found"] == "✓ disc, ✗ red-c"
+    assert table.loc["disc + dotted", "true concepts missed"] == "dotted"
+    assert table.loc["striped + sky-s", "concepts found"] == "✓ sky-s, ✓ striped"
+    assert table.loc["red-c", "concepts found"] == "-" and table.loc["red-c", "true concepts missed"] == "red-c"
+    assert table.loc["disc + dotted", "precision"] == 0.5
+    assert C.true_concepts(TRUTH, ["b", "zzz"]) == [{"striped", "sky-s"}, set()]
+
+
+def test_graph_edges_true_or_false_against_the_composition(tmp_path):
+    truth = C.true_concepts(TRUTH, ["a", "b", "c"])
+    edges = C.graph_edges(W, TALLY, [0, 1], top_units=3, truth=truth)
+    e0 = edges[edges["class"] == 0]
+    assert e0["unit"].tolist() == [0, 1, 2] and e0["concept"].tolist() == ["disc", "disc", "red-c"]
+    assert e0["true"].tolist() == [True, True, False]  # red-c is not in class a's composition
+    e1 = edges[edges["class"] == 1].set_index("unit")
+    assert e1.loc[3, "true"] and e1.loc[5, "true"]
+    assert not e1.loc[4, "true"]  # unit 5 (0-based 4) is not interpretable
+    assert C.graph_edges(W, TALLY, [0], top_units=2)["true"].isna().all()  # no truth: no marks
+    path = plots.concept_graph(W, TALLY, [0, 1], tmp_path / "fig6.png", top_units=3, truth=truth,
+                               class_names=["disc + dotted", "striped + sky-s"])
+    with Image.open(path) as im:
+        assert im.format == "PNG"

@@ -66,7 +66,8 @@ def test_real_metadata_labels_and_primary_categories(real_meta):
     assert item["image_labels"].tolist() == [59, 237, 276]
     batch = BrodenDataset.collate([ds[0], ds[1]])
     assert batch["seg"].shape == (2, 3, 112, 112) and batch["seg"][1].abs().sum() == 0
-    assert batch["image_labels"].tolist() == [[59, 237, 276], [83, 0, 0]]
+    assert batch["image_labels"].tolist() == [[59, 237, 276], [83, -1, -1]]  # -1 pads (0 is a label number)
+    assert batch["has_maps"].tolist() == [True, False]
     caffe = BrodenDataset(real_meta, caffe=True)[0]["image"]
     expected = (torch.tensor([200.0, 100.0, 50.0]) - torch.tensor([124.6901, 118.6897, 109.5388])) / CAFFE_SCALE
     torch.testing.assert_close(caffe[:, 100, 100], expected, atol=2 / CAFFE_SCALE, rtol=0)
@@ -115,3 +116,52 @@ def test_errors_name_the_problem(tmp_path):
     (root / "images/x.jpg").write_bytes(b"not a jpeg")
     with pytest.raises(CorruptImageError, match="x.jpg"):
         ds[0]
+
+
+# ---------------------------------------------------------------- malformed index.csv rows (issue 15, item 3)
+
+@pytest.mark.parametrize("row,fields", [
+    ("x.jpg,train,8,8,4,4,,x_object.png,,", 10),  # short: the image would be left out silently
+    ("x.jpg,train,8,8,4,4,x_object.png,,,,", 11),  # one field missing: every later column shifts
+    ("x.jpg,train,8,8,4,4,,x_object.png,,,,,", 13),  # one too many
+])
+def test_index_rows_with_the_wrong_number_of_fields_are_errors(tmp_path, row, fields):
+    root = _tiny(tmp_path / "b", "1,1,a,1,1.0\n", "1,3,c,1,0.2\n")
+    (root / "index.csv").write_text(HEADER + "x.jpg,train,8,8,4,4,,x_object.png,,,,\n" + row + "\n")
+    with pytest.raises(ValueError, match=rf"index.csv line 3: {fields} fields, expected 12 "
+                                         r"\(image,split,ih,iw,sh,sw,color,object,material,part,scene,texture\)"):
+        BrodenDataset(root, categories=("object", "part"))
+
+
+def test_blank_lines_in_index_are_skipped(tmp_path):
+    root = _tiny(tmp_path / "b", "1,1,a,1,1.0\n", "1,3,c,1,0.2\n")
+    (root / "index.csv").write_text(HEADER + "x.jpg,train,8,8,4,4,,x_object.png,,,,\n\n")
+    assert len(BrodenDataset(root, categories=("object", "part"))) == 1
+
+
+def test_label_numbers_absent_from_label_csv_fail_at_load(tmp_path):
+    """An image-level label that label.csv does not list fails when the dataset is built (with its file,
+    line and column); one in a label map fails as the map is decoded, naming the PNG and the row."""
+    root = _tiny(tmp_path / "b", "1,1,a,1,1.0\n", "1,3,c,1,0.2\n")
+    (root / "label.csv").write_text("number,name,category,frequency,coverage,syns\n1,a,object(1),1,1,\n"
+                                    "2,b,object(1);part(1),2,2,\n3,c,part(1),1,1,\n6,f,scene(1),1,1,\n")
+    (root / "category.csv").write_text("name,first,last,count,frequency\nobject,1,3,3,5\npart,1,3,2,5\n"
+                                       "scene,6,6,1,1\n")
+    (root / "c_scene.csv").write_text("code,number,name,frequency,coverage\n1,6,f,1,1.0\n")
+    (root / "index.csv").write_text(HEADER + "x.jpg,train,8,8,4,4,,x_object.png,,,6,\n"
+                                    "x.jpg,train,8,8,4,4,,x_object.png,,,5,\n")  # 5: a gap in label.csv
+    with pytest.raises(ValueError, match=r"index.csv line 3, column scene: label 5 is not in .*label.csv"):
+        BrodenDataset(root, categories=("object", "part", "scene"))
+    (root / "index.csv").write_text(HEADER + "x.jpg,train,8,8,4,4,,x_object.png,,,6,\n"
+                                    "x.jpg,train,8,8,4,4,,x_object.png,,,9,\n")  # 9: beyond the last label
+    with pytest.raises(ValueError, match=r"line 3, column scene: label 9 is not in"):
+        BrodenDataset(root, categories=("object", "part", "scene"))
+    (root / "index.csv").write_text(HEADER + "x.jpg,train,8,8,4,4,,x_object.png,,,6,\n"
+                                    "x.jpg,train,8,8,4,4,,y_object.png,,,6,\n")
+    bad = np.ones((4, 4), int)
+    bad[0, 0] = 4  # 4: not in label.csv
+    _png(root / "images/y_object.png", bad)
+    ds = BrodenDataset(root, categories=("object", "part", "scene"))
+    assert ds[0]["image_labels"].tolist() == [6]
+    with pytest.raises(ValueError, match=r"y_object.png \(index.csv line 3\) holds label\(s\) \[4\]"):
+        ds[1]

@@ -349,6 +349,29 @@ def test_reference_tally_format_and_summary(reference_tally):
     assert ",".join(ours.columns) == reference_tally.read_text().splitlines()[0]
 
 
+def test_tally_differences_counts_cells_labels_and_headline():
+    primary = np.array([-1, 0, 0, 1])
+    names = ["-", "a", "b", "c"]
+    counts = D.TallyCounts(truth=np.array([0, 10, 10, 10.0]),
+                           intersect=np.array([[0, 5, 1, 0], [0, 0, 0, 0], [0, 1, 8, 0.0]]),
+                           activation=np.array([[10, 10.0], [0, 0], [10, 10]]), images=1)
+    before = D.tally_frame(counts, primary, names, ["color", "scene"])
+    counts.intersect[0, 3] = 9  # unit 1 now prefers c (scene) over a
+    after = D.tally_frame(counts, primary, names, ["color", "scene"], rules="netdissect")
+    diff = D.tally_differences(before, after)
+    assert diff["units"] == 3 and diff["cells_total"] == 3 * 13
+    # unit 1: a (color) -> c (scene); the never-firing unit 2: label 0 named "-" -> "" (netdissect rules)
+    assert diff["labels"] == 2 and diff["categories"] == 1
+    assert diff["category_labels"] == 3  # every unit's scene column named label 0 before
+    assert diff["by_field"]["<cat>-intersect"] == 1 and diff["by_field"]["<cat>-label"] == 4
+    assert diff["headline"]["interpretable_units"] == (2, 2)
+    assert diff["headline"]["mean_score"][1] > diff["headline"]["mean_score"][0]
+    assert diff["row_order"] == 2
+    assert D.tally_differences(before, before)["cells"] == 0
+    with pytest.raises(ValueError, match="different units"):
+        D.tally_differences(before, before.iloc[:2])
+
+
 # ------------------------------------------------------------------ end to end through BrodenDataset
 
 @pytest.fixture(scope="module")
@@ -414,3 +437,10 @@ def test_cli_writes_tally(scenes_smoke, tmp_path):
     thr = pd.read_csv(tmp_path / "dissect" / "thresholds.csv")
     assert list(thr.columns) == ["unit", "threshold"] and len(thr) == model.num_features
     assert sorted(p.name for p in (tmp_path / "dissect").iterdir()) == ["tally.csv", "thresholds.csv"]
+    rc = dissect_main(["--checkpoint", str(tmp_path / "final.pt"), "--data", str(scenes_smoke), "--rules",
+                       "netdissect", "--out", str(tmp_path / "nd"), "--workers", "0", "--device", "cpu"])
+    assert rc == 0
+    nd = D.read_tally(tmp_path / "nd" / "tally.csv")
+    assert len(nd) == model.num_features and not nd.filter(like="label").isin(["-"]).any().any()
+    nd_thr = pd.read_csv(tmp_path / "nd" / "thresholds.csv")["threshold"].to_numpy()
+    assert not np.array_equal(nd_thr, thr["threshold"].to_numpy())  # NetDissect-Lite's sketch, not numpy's quantile

@@ -39,7 +39,8 @@ from torch import nn
 from dka.dissection import INTERPRETABLE_IOU, unit_labels
 
 __all__ = ["DEFAULT_SHARE", "AUTHORS_WEIGHT_THRESHOLD", "head_weight", "covering_units", "class_units",
-           "class_concepts", "share_within", "read_class_concepts", "concept_recovery", "recovery_summary"]
+           "class_concepts", "share_within", "read_class_concepts", "concept_recovery", "recovery_summary",
+           "composition_names", "true_concepts", "recovery_table", "graph_edges"]
 
 DEFAULT_SHARE = 0.8
 AUTHORS_WEIGHT_THRESHOLD = 1e-3
@@ -184,3 +185,65 @@ def recovery_summary(recovery: pd.DataFrame) -> dict:
     """Mean precision and recall over classes."""
     return {"precision": float(recovery["precision"].mean()), "recall": float(recovery["recall"].mean()),
             "classes": int(len(recovery))}
+
+
+def composition_names(class_names: Sequence[str], root: str | Path | None = None, joiner: str = " + ") -> list[str]:
+    """Display names: a concept-scenes class by its true composition, e.g. "triangle + chequered".
+
+    The compositions come from the export's classes.csv (`root`); a class it does not list, or any
+    class when `root` is None or holds no concept-scenes export (Places365, CIFAR-10), keeps its name.
+    """
+    names = [str(c) for c in class_names]
+    if root is None or not (Path(root) / "classes.csv").is_file():
+        return names
+    from dka.data.scenes import read_classes
+
+    found = dict(read_classes(root))
+    return [joiner.join(found[n]) if found.get(n) else n for n in names]
+
+
+def true_concepts(truth: pd.DataFrame, class_names: Sequence[str]) -> list[set[str]]:
+    """Per class index, its true concepts (from `read_class_concepts`); empty for a class not listed."""
+    sets = truth.groupby("class")["concept"].apply(lambda s: set(map(str, s))).to_dict()
+    return [set(sets.get(str(c), set())) for c in class_names]
+
+
+def recovery_table(per_class: pd.DataFrame, truth: pd.DataFrame, display_names: Sequence[str] | None = None,
+                   mark: tuple[str, str] = ("✓", "✗")) -> pd.DataFrame:
+    """Per class: the concepts its covering units name, each marked true or false against the ground
+    truth, the true concepts none of them names, precision and recall (see `concept_recovery`)."""
+    rec = concept_recovery(per_class, truth)
+    names = list(display_names) if display_names is not None else list(rec["class_name"])
+    if len(names) != len(rec):
+        raise ValueError(f"{len(names)} display names for {len(rec)} classes")
+    rows = []
+    for name, (_, r) in zip(names, rec.iterrows()):
+        true = set(r["true"])
+        rows.append({
+            "class": name,
+            "concepts found": ", ".join(f"{mark[0] if c in true else mark[1]} {c}" for c in r["recovered"]) or "-",
+            "true concepts missed": ", ".join(sorted(true - set(r["recovered"]))) or "-",
+            "precision": r["precision"], "recall": r["recall"],
+        })
+    return pd.DataFrame(rows)
+
+
+def graph_edges(model_or_weight, tally: pd.DataFrame, classes: Sequence[int], top_units: int = 5,
+                truth: Sequence[set] | dict | None = None, iou_threshold: float = INTERPRETABLE_IOU) -> pd.DataFrame:
+    """The class -> unit -> concept edges of Fig. 6: each class's `top_units` units by weight, with the
+    unit's concept and IoU; with `truth` (per class index, its true concepts) `true` says whether the
+    edge names a true concept of the class (the unit is interpretable and its concept is in the set)."""
+    w = head_weight(model_or_weight)
+    units = unit_labels(tally, w.shape[1])
+    bad = [c for c in classes if not 0 <= c < w.shape[0]]
+    if bad:
+        raise ValueError(f"classes {bad} out of range 0..{w.shape[0] - 1}")
+    rows = []
+    for c in classes:
+        for u in np.argsort(-w[c], kind="stable")[:top_units]:
+            info = units.loc[int(u) + 1]
+            iou = float(info["score"])
+            right = None if truth is None else bool(iou >= iou_threshold and str(info["label"]) in set(truth[c]))
+            rows.append({"class": int(c), "unit": int(u), "weight": float(w[c, u]), "concept": str(info["label"]),
+                         "iou": iou, "true": right})
+    return pd.DataFrame(rows, columns=["class", "unit", "weight", "concept", "iou", "true"])

@@ -33,8 +33,8 @@ from PIL import Image
 
 __all__ = ["generate", "SceneMaker", "Scene", "Preset", "PRESETS", "Concept", "preset_by_name", "vocabulary",
            "sample_classes", "element_mask", "draw_element", "draw_background", "encode_label_png",
-           "decode_label_png", "params_for", "is_export", "read_params", "GENERATOR_VERSION", "PARAMS_FILE",
-           "INDEX_COLUMNS", "CATEGORY_ORDER", "PIXEL_CATEGORIES", "SPLITS", "JPEG_QUALITY", "COLOURS",
+           "decode_label_png", "params_for", "is_export", "read_params", "read_classes", "GENERATOR_VERSION",
+           "PARAMS_FILE", "INDEX_COLUMNS", "CATEGORY_ORDER", "PIXEL_CATEGORIES", "SPLITS", "JPEG_QUALITY", "COLOURS",
            "TEXTURES", "OBJECTS", "PARTS", "SCENES", "SCENE_PALETTES"]
 
 GENERATOR_VERSION = 1
@@ -613,6 +613,19 @@ def is_export(path: Path) -> bool:
 
 def read_params(path: Path) -> dict:
     return json.loads((Path(path) / PARAMS_FILE).read_text())
+
+
+def read_classes(path: str | os.PathLike) -> list[tuple[str, tuple[str, ...]]]:
+    """(name, true concepts) of each class of an export, in class order (its classes.csv)."""
+    file = Path(path) / "classes.csv"
+    if not file.is_file():
+        raise FileNotFoundError(f"no classes.csv in {path}: not a concept-scenes export (write one with "
+                                "dka.data.scenes.generate(preset, DIR))")
+    with open(file, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if rows and "concepts" not in rows[0]:
+        raise ValueError(f"{file} has no `concepts` column (columns: {sorted(rows[0])})")
+    return [(r["name"], tuple(c for c in r["concepts"].split(";") if c)) for r in rows]
 
 
 def _write_csv(path: Path, header: list[str], rows: list) -> None:

@@ -23,10 +23,12 @@ for an image-level label); activation[unit, category] adds an image's active-pix
 some active pixel carries a label whose primary category is that category, or the image has an
 image-level label of it. IoU = intersect / (activation[primary(label)] + truth - intersect + 1e-10).
 
-One deliberate difference from NetDissect-Lite's code: for an image with image-level labels but no
-pixel labels (e.g. DTD textures) the Lite code reuses a stale category vector from the previous
-unit/image; here such an image counts toward exactly the categories of its image-level labels, as
-the rule above says.
+Two rule sets (`rules=`, see rules.py): "dka" (the default) takes the exact 994/999 quantile and
+reads the definition above literally; "netdissect" reproduces NetDissect-Lite's output exactly —
+its quantile sketch and readout (lite_quantile.py), label 0 from `0` entries of image-level fields,
+an empty name for label 0, PIL's resize arithmetic (pil_resize.py), the stale category vector its
+loop gives an image without label maps, and its order of units with equal scores. Use "netdissect"
+wherever results are compared with the paper or the authors' released tally.
 
 Memory (paper scale: Broden 63,305 images, ResNet18 layer4 = 512 units x 7 x 7): the feature store
 is 63,305 x 512 x 49 x 4 B = 6.4 GB, so it goes to a memmap file (``cache_dir``); the sorted
@@ -49,20 +51,23 @@ from torch import nn
 
 from dka.data.broden import DEFAULT_CATEGORIES
 from dka.dissection.features import FeatureStore, LayerCapture
+from dka.dissection.lite_quantile import netdissect_thresholds
+from dka.dissection.rules import RULES, DissectionRules, get_rules
 from dka.dissection.tally import (FIELDS, IOU_EPS, TallyAccumulator, TallyCounts, compute_iou, reference_tally_loop,
                                tally_frame)
 from dka.dissection.tally_io import (INTERPRETABLE_IOU, read_tally, tally_categories, tally_columns, tally_summary,
-                                  unit_labels, write_tally)
+                                  tally_differences, unit_labels, write_tally)
 from dka.dissection.thresholds import (QUANTILE, StreamingQuantileStats, quantile_thresholds_sorted,
                                     quantile_thresholds_streaming)
 
 __all__ = [
     "dissect", "DissectionDetails", "pick_device",
     "DEFAULT_CATEGORIES", "QUANTILE", "IOU_EPS", "INTERPRETABLE_IOU", "FIELDS",
-    "quantile_thresholds_sorted", "quantile_thresholds_streaming", "StreamingQuantileStats",
+    "quantile_thresholds_sorted", "quantile_thresholds_streaming", "StreamingQuantileStats", "netdissect_thresholds",
+    "RULES", "DissectionRules", "get_rules",
     "TallyAccumulator", "TallyCounts", "compute_iou", "tally_frame", "tally_columns", "reference_tally_loop",
     "LayerCapture", "FeatureStore",
-    "read_tally", "write_tally", "tally_categories", "tally_summary", "unit_labels",
+    "read_tally", "write_tally", "tally_categories", "tally_summary", "unit_labels", "tally_differences",
 ]
 
 BRODEN_HINT = (
@@ -72,15 +77,21 @@ BRODEN_HINT = (
 )
 
 
-def _open_dataset(dataset_root, categories, caffe):
+def _open_dataset(dataset_root, categories, caffe, rules: DissectionRules):
     if not isinstance(dataset_root, (str, os.PathLike)):
-        return dataset_root  # an already built BrodenDataset (or compatible)
+        # an already built BrodenDataset (or compatible): it must read `0` entries as the rules do
+        built = getattr(dataset_root, "zero_image_labels", rules.zero_image_labels)
+        if built != rules.zero_image_labels:
+            raise ValueError(f"the dataset was built with zero_image_labels={built} but rules={rules.name!r} need "
+                             f"{rules.zero_image_labels}; pass the dataset's root instead, or rebuild it")
+        return dataset_root
     root = Path(dataset_root)
     if not (root / "index.csv").is_file():
         raise FileNotFoundError(f"no Broden dataset at {root} (index.csv missing). {BRODEN_HINT}.")
     from dka.data.broden import BrodenDataset
 
-    return BrodenDataset(root, categories=tuple(categories), caffe=caffe)
+    return BrodenDataset(root, categories=tuple(categories), caffe=caffe,
+                         zero_image_labels=rules.zero_image_labels)
 
 
 def _progress(iterable, total, desc, enabled):
@@ -113,19 +124,26 @@ def dissect(
     workers: int = 0,
     progress: bool = True,
     return_details: bool = False,
+    rules: str | DissectionRules = "dka",
 ):
     """Network Dissection of ``layer`` of ``model`` on a Broden-format dataset -> tally DataFrame.
 
-    ``threshold_method``: "sorted" (exact selection over stored features), "streaming" (exact
-    histogram refinement, bounded memory) or "auto" (sorted when features fit ``memory_budget``).
+    ``rules``: "dka" (exact quantile, the definition read literally) or "netdissect" (NetDissect-Lite's
+    output exactly: use it to compare with the paper or the released tally); rules.py lists the
+    differences. ``threshold_method`` (dka rules only): "sorted" (exact selection over stored
+    features), "streaming" (exact histogram refinement, bounded memory) or "auto" (sorted when
+    features fit ``memory_budget``); NetDissect-Lite's rule is its own sketch ("netdissect").
     With ``return_details`` returns (tally, DissectionDetails) with thresholds and raw counts.
     """
+    rules = get_rules(rules)
     if threshold_method not in ("auto", "sorted", "streaming"):
         raise ValueError(f"threshold_method must be 'auto', 'sorted' or 'streaming', got {threshold_method!r}")
+    if rules.threshold == "netdissect" and threshold_method != "auto":
+        raise ValueError(f"rules={rules.name!r} take NetDissect-Lite's own threshold; leave threshold_method='auto'")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     dev = pick_device(device)
-    dataset = _open_dataset(dataset_root, categories, caffe)
+    dataset = _open_dataset(dataset_root, categories, caffe, rules)
     cats = list(dataset.categories)
     n = len(dataset)
     if n == 0:
@@ -148,27 +166,33 @@ def dissect(
                 store = FeatureStore(n, tuple(feats.shape[1:]), memory_budget, cache_dir)
             store.append(feats)
         method = threshold_method
-        if method == "auto":
+        if rules.threshold == "netdissect":
+            method = "netdissect"
+        elif method == "auto":
             method = "sorted" if store.in_memory else "streaming"
-        if method == "sorted":
+        if method == "netdissect":
+            thresholds = netdissect_thresholds(lambda: store.batches(256), quantile)
+        elif method == "sorted":
             thresholds = quantile_thresholds_sorted(store.data, quantile, device=dev)
         else:
             thresholds = quantile_thresholds_streaming(lambda: store.batches(256), quantile, device=dev)
         # pass 2: the tally
-        acc = TallyAccumulator(thresholds, dataset.primary_category, len(cats), dataset.seg_size, device=dev)
+        acc = TallyAccumulator(thresholds, dataset.primary_category, len(cats), dataset.seg_size, device=dev,
+                               rules=rules)
         start = 0
         for batch in _progress(loader, len(loader), f"tally {layer}", progress):
             b = batch["seg"].shape[0]
-            acc.update(store.batch(start, start + b), batch["seg"], batch.get("image_labels"))
+            acc.update(store.batch(start, start + b), batch["seg"], batch.get("image_labels"), batch.get("has_maps"))
             start += b
     finally:
         if store is not None:
             store.close()
         model.train(was_training)
     counts = acc.counts()
-    tally = tally_frame(counts, dataset.primary_category, dataset.label_names, cats)
+    tally = tally_frame(counts, dataset.primary_category, dataset.label_names, cats, rules=rules)
     if return_details:
-        return tally, DissectionDetails(thresholds=thresholds, counts=counts, threshold_method=method)
+        return tally, DissectionDetails(thresholds=thresholds, counts=counts, threshold_method=method,
+                                        rules=rules.name)
     return tally
 
 
@@ -177,3 +201,4 @@ class DissectionDetails:
     thresholds: np.ndarray  # (units,) float64, unit i-1 for tally unit i
     counts: TallyCounts
     threshold_method: str
+    rules: str = "dka"

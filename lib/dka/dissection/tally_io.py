@@ -14,7 +14,7 @@ from dka.data.broden import DEFAULT_CATEGORIES
 from dka.dissection.tally import FIELDS
 
 __all__ = ["INTERPRETABLE_IOU", "write_tally", "read_tally", "tally_categories", "tally_columns", "tally_summary",
-           "unit_labels"]
+           "unit_labels", "tally_differences"]
 
 INTERPRETABLE_IOU = 0.04
 
@@ -77,3 +77,37 @@ def unit_labels(df: pd.DataFrame, units: int | None = None) -> pd.DataFrame:
         raise ValueError(f"the tally covers {len(table)} units ({span}) but the layer has {units} units (tally units "
                          "are 1-based, one row each): was the tally made for this model's layer?")
     return table
+
+
+def tally_differences(before: pd.DataFrame, after: pd.DataFrame, iou_threshold: float = INTERPRETABLE_IOU) -> dict:
+    """What changes between two tallies of the same layer (e.g. dka vs NetDissect-Lite rules).
+
+    Cells are compared per unit (rows aligned on `unit`), values exactly as they would be written:
+    `cells` counts every changed cell, `by_field` splits them by field (label, truth, ...), `labels`
+    and `categories` count units whose best label / category changed, `category_labels` units whose
+    label changed in some category column, `row_order` rows that moved; `headline` holds both
+    tallies' interpretable units, unique concepts and mean IoU.
+    """
+    if list(before.columns) != list(after.columns):
+        raise ValueError("the tallies have different columns; compare tallies of the same categories")
+    a, b = before.set_index("unit").sort_index(), after.set_index("unit").sort_index()
+    if list(a.index) != list(b.index):
+        raise ValueError(f"the tallies cover different units ({len(a)} vs {len(b)}); compare tallies of one layer")
+    changed = a.ne(b)
+    by_field = {f: int(changed[[c for c in changed.columns if c.endswith(f"-{f}")]].to_numpy().sum()) for f in FIELDS}
+    label_cols = [c for c in a.columns if c.endswith("-label")]
+    sa, sb = tally_summary(before, iou_threshold), tally_summary(after, iou_threshold)
+    return {
+        "units": int(len(a)),
+        "cells": int(changed.to_numpy().sum()),
+        "cells_total": int(changed.size),
+        "by_field": {"category": int(changed["category"].sum()), "label": int(changed["label"].sum()),
+                     "score": int(changed["score"].sum()), **{f"<cat>-{k}": v for k, v in by_field.items()}},
+        "labels": int(changed["label"].sum()),
+        "categories": int(changed["category"].sum()),
+        "category_labels": int(changed[label_cols].any(axis=1).sum()),
+        "row_order": int((before["unit"].to_numpy() != after["unit"].to_numpy()).sum()),
+        "headline": {
+            key: (sa[key], sb[key]) for key in ("interpretable_units", "unique_concepts", "mean_score")
+        },
+    }

@@ -10,8 +10,8 @@ from matplotlib.figure import Figure
 import numpy as np
 import pandas as pd
 
-from dka.concepts import head_weight
-from dka.dissection import unit_labels
+from dka.concepts import graph_edges
+from dka.dissection import INTERPRETABLE_IOU, unit_labels
 from dka.plots.style import model_color
 from dka.results import save_figure
 
@@ -76,6 +76,11 @@ def explanation_figure(images, explanations: Mapping[str, tuple], index: int, n:
     return fig
 
 
+def _concept_name(label) -> str:
+    """A tally label for display: label 0 (NetDissect-Lite writes it as an empty name) as "(none)"."""
+    return str(label) or "(none)"
+
+
 def concept_graph(
     model_or_weight,
     tally: pd.DataFrame,
@@ -85,34 +90,28 @@ def concept_graph(
     top_units: int = 5,
     title: str | None = None,
     source_label: str = "class",
+    truth: Sequence[set] | Mapping[int, set] | None = None,
+    iou_threshold: float = INTERPRETABLE_IOU,
 ) -> Path:
     """The paper's Fig. 6: class -> unit -> concept graph as a PNG.
 
     Left: the chosen classes (or, with `source_label`, any outputs of the weight matrix, e.g. the
     units of an internal 1x1 layer); middle: each one's `top_units` units by weight (edge width ∝
     weight, red for negative); right: the units' concepts, each unit edge labelled with its IoU.
+    With `truth` (per class index, its true concepts, e.g. `concepts.true_concepts`) every class ->
+    unit edge says whether the path names a true concept of the class: green with a tick when the
+    unit is interpretable (IoU >= `iou_threshold`) and its concept is in the class's composition, red
+    with a cross otherwise; negative weights are then dotted.
     Drawn on a bare Figure, not through pyplot, so it never touches the caller's backend.
     """
-    w = head_weight(model_or_weight)
-    units = unit_labels(tally, w.shape[1])
     classes = list(classes)
     if not classes:
         raise ValueError("choose at least one class")
-    bad = [c for c in classes if not 0 <= c < w.shape[0]]
-    if bad:
-        raise ValueError(f"classes {bad} out of range 0..{w.shape[0] - 1}")
-    edges = []  # (class, unit, weight)
-    chosen_units: list[int] = []
-    for c in classes:
-        for u in np.argsort(-w[c], kind="stable")[:top_units]:
-            edges.append((c, int(u), float(w[c, u])))
-            if u not in chosen_units:
-                chosen_units.append(int(u))
-    concepts: list[str] = []
-    for u in chosen_units:
-        lab = str(units.loc[u + 1, "label"])
-        if lab not in concepts:
-            concepts.append(lab)
+    table = graph_edges(model_or_weight, tally, classes, top_units, truth, iou_threshold)
+    edges = list(table[["class", "unit", "weight"]].itertuples(index=False, name=None))
+    chosen_units = list(dict.fromkeys(table["unit"]))
+    unit_info = table.drop_duplicates("unit").set_index("unit")
+    concepts = list(dict.fromkeys(_concept_name(unit_info.loc[u, "concept"]) for u in chosen_units))
 
     def ys(n):
         return np.linspace(1, 0, n) if n > 1 else np.array([0.5])
@@ -124,16 +123,24 @@ def concept_graph(
     fig = Figure(figsize=(10, height))
     ax = fig.add_subplot()
     wmax = max(abs(e[2]) for e in edges) or 1.0
-    for c, u, wt in edges:
-        ax.plot([0, 1], [y_cls[c], y_unit[u]], color="tab:blue" if wt >= 0 else "tab:red",
-                lw=0.3 + 5 * abs(wt) / wmax, alpha=0.7, zorder=1)
+    for (c, u, wt), right in zip(edges, table["true"]):
+        width = 0.3 + 5 * abs(wt) / wmax
+        if truth is None:
+            ax.plot([0, 1], [y_cls[c], y_unit[u]], color="tab:blue" if wt >= 0 else "tab:red", lw=width,
+                    alpha=0.7, zorder=1)
+            continue
+        colour = "tab:green" if right else "tab:red"
+        ax.plot([0, 1], [y_cls[c], y_unit[u]], color=colour, lw=width, alpha=0.7, zorder=1,
+                ls="-" if wt >= 0 else ":")
+        ym = 0.2 * y_cls[c] + 0.8 * y_unit[u]
+        ax.text(0.8, ym, "✓" if right else "✗", color=colour, fontsize=9, ha="center", va="center", zorder=3,
+                bbox={"boxstyle": "circle,pad=0.1", "fc": "white", "ec": "none", "alpha": 0.8})
     for u in chosen_units:
-        info = units.loc[u + 1]
-        iou = float(info["score"])
-        ax.plot([1, 2], [y_unit[u], y_con[str(info["label"])]], color="grey", lw=0.3 + 8 * min(iou, 0.5),
-                alpha=0.6, zorder=1)
-        ax.text(1.5, (y_unit[u] + y_con[str(info["label"])]) / 2, f"IoU {iou:.2f}", fontsize=7, ha="center",
-                va="bottom", color="dimgrey")
+        iou = float(unit_info.loc[u, "iou"])
+        y_end = y_con[_concept_name(unit_info.loc[u, "concept"])]
+        ax.plot([1, 2], [y_unit[u], y_end], color="grey", lw=0.3 + 8 * min(iou, 0.5), alpha=0.6, zorder=1)
+        ax.text(1.5, (y_unit[u] + y_end) / 2, f"IoU {iou:.2f}", fontsize=7, ha="center", va="bottom",
+                color="dimgrey")
     name = (lambda c: class_names[c]) if class_names is not None else (lambda c: f"{source_label} {c}")  # noqa: E731
     ax.scatter([0] * len(classes), [y_cls[c] for c in classes], s=120, color="tab:orange", zorder=2)
     ax.scatter([1] * len(chosen_units), [y_unit[u] for u in chosen_units], s=60, color="tab:blue", zorder=2)
@@ -144,12 +151,20 @@ def concept_graph(
         ax.text(1, y_unit[u] + 0.02, f"unit {u + 1}", ha="center", va="bottom", fontsize=8)
     for k in concepts:
         ax.text(2.05, y_con[k], k, ha="left", va="center", fontsize=10)
-    ax.set_xlim(-0.8, 2.8)
+    longest = max(len(name(c)) for c in classes)
+    ax.set_xlim(min(-0.8, -0.1 - 0.032 * longest), 2.8)  # room for long names ("triangle + chequered")
     ax.set_ylim(-0.08, 1.08)
     ax.set_xticks([0, 1, 2], [source_label, "unit (line width = weight)", "concept"])
     ax.set_yticks([])
     for side in ("left", "right", "top"):
         ax.spines[side].set_visible(False)
+    if truth is not None:
+        from matplotlib.lines import Line2D
+
+        marks = [Line2D([], [], color="tab:green", label="✓ the unit's concept is in the class's composition"),
+                 Line2D([], [], color="tab:red", label="✗ it is not (or the unit is not interpretable)"),
+                 Line2D([], [], color="0.4", ls=":", label="negative weight")]
+        ax.legend(handles=marks, loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=3, fontsize=8, frameon=False)
     if title:
         ax.set_title(title)
     fig.tight_layout()
