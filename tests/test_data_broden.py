@@ -165,3 +165,19 @@ def test_label_numbers_absent_from_label_csv_fail_at_load(tmp_path):
     assert ds[0]["image_labels"].tolist() == [6]
     with pytest.raises(ValueError, match=r"y_object.png \(index.csv line 3\) holds label\(s\) \[4\]"):
         ds[1]
+
+
+def test_split_keeps_only_that_splits_rows(tmp_path):
+    """Held-out dissection: with split="test" only the test rows are read; a split with no row, or an
+    index without a split column, is an error naming the fix."""
+    root = _tiny(tmp_path / "b", "1,1,a,1,1.0\n", "1,3,c,1,0.2\n")
+    (root / "index.csv").write_text(HEADER + "x.jpg,train,8,8,4,4,,x_object.png,,,,\n"
+                                    "y.jpg,test,8,8,4,4,,y_object.png,,,,\n")
+    assert BrodenDataset(root, categories=("object", "part")).image_names == ["x.jpg", "y.jpg"]
+    assert BrodenDataset(root, categories=("object", "part"), split="test").image_names == ["y.jpg"]
+    with pytest.raises(ValueError, match="no labelled image of split 'val'"):
+        BrodenDataset(root, categories=("object", "part"), split="val")
+    (root / "index.csv").write_text("image,ih,iw,sh,sw,color,object,material,part,scene,texture\n"
+                                    "x.jpg,8,8,4,4,,x_object.png,,,,\n")
+    with pytest.raises(ValueError, match="no split column.*split=None"):
+        BrodenDataset(root, categories=("object", "part"), split="test")

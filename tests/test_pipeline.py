@@ -31,7 +31,7 @@ SECTION_KEYS = {
     "runtime": {"device", "workers", "amp", "fresh_runs", "nproc_per_node"},
     "cifar": {"dataset", "root", "models", "train", "slider_default"},
     "places": {"dataset", "root", "models", "train", "overrides", "slider_default"},
-    "dissect": {"broden_root", "caffe", "rules", "layer", "batch_size", "models", "over_training",
+    "dissect": {"broden_root", "caffe", "rules", "split", "layer", "batch_size", "models", "over_training",
                 "iou_threshold", "top_units", "weight_share", "max_concepts", "graph_classes", "reference_tally"},
     "explain": {"models", "num_images", "top_units", "seed"},
     "internal": {"dataset", "root", "models", "train", "dissect_batch_size", "weight_share", "max_concepts"},

@@ -73,8 +73,9 @@ class BrodenDataset(Dataset):
     otherwise images are normalised with `mean`/`std` (ImageNet's by default, as dka trains its models)."""
 
     def __init__(self, root: str | Path, categories=DEFAULT_CATEGORIES, caffe: bool = False,
-                 mean=IMAGENET_MEAN, std=IMAGENET_STD, zero_image_labels: bool = False):
+                 mean=IMAGENET_MEAN, std=IMAGENET_STD, zero_image_labels: bool = False, split: str | None = None):
         self.root = Path(root).expanduser()
+        self.split = split  # None: every row (NetDissect-Lite ignores the column); else only that split's rows
         if not (self.root / "index.csv").is_file():
             what = "does not exist" if not self.root.exists() else "has no index.csv"
             raise FileNotFoundError(f"Broden root {self.root} {what}; {how_to_get(self.root)}")
@@ -160,8 +161,13 @@ class BrodenDataset(Dataset):
         if missing:
             raise ValueError(f"{path} lacks the column(s) {missing}; Broden's columns are "
                              "image,split,ih,iw,sh,sw,color,object,material,part,scene,texture")
+        if self.split is not None and "split" not in header:
+            raise ValueError(f"{path} has no split column, so split={self.split!r} cannot select rows; "
+                             "pass split=None to use every image")
         rows = []
         for line, r in _csv_rows(path):
+            if self.split is not None and r["split"] != self.split:
+                continue
             fields = {c: self._entries(path, line, c, r[c]) for c in self.categories}
             if not any(e != "0" for entries in fields.values() for e in entries):
                 continue
@@ -170,6 +176,8 @@ class BrodenDataset(Dataset):
             except (TypeError, ValueError) as err:
                 raise ValueError(f"{path} line {line} (image {r['image']}): bad size columns ({err})") from err
             rows.append((line, r["image"], *dims, fields))
+        if self.split is not None and not rows:
+            raise ValueError(f"{path} has no labelled image of split {self.split!r}; check the split name")
         return rows
 
     def __len__(self) -> int:

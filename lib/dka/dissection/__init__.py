@@ -77,7 +77,7 @@ BRODEN_HINT = (
 )
 
 
-def _open_dataset(dataset_root, categories, caffe, rules: DissectionRules):
+def _open_dataset(dataset_root, categories, caffe, rules: DissectionRules, split: str | None = None):
     if not isinstance(dataset_root, (str, os.PathLike)):
         # an already built BrodenDataset (or compatible): it must read `0` entries as the rules do
         built = getattr(dataset_root, "zero_image_labels", rules.zero_image_labels)
@@ -91,7 +91,7 @@ def _open_dataset(dataset_root, categories, caffe, rules: DissectionRules):
     from dka.data.broden import BrodenDataset
 
     return BrodenDataset(root, categories=tuple(categories), caffe=caffe,
-                         zero_image_labels=rules.zero_image_labels)
+                         zero_image_labels=rules.zero_image_labels, split=split)
 
 
 def _progress(iterable, total, desc, enabled):
@@ -125,6 +125,7 @@ def dissect(
     progress: bool = True,
     return_details: bool = False,
     rules: str | DissectionRules = "dka",
+    split: str | None = None,
 ):
     """Network Dissection of ``layer`` of ``model`` on a Broden-format dataset -> tally DataFrame.
 
@@ -134,6 +135,8 @@ def dissect(
     features), "streaming" (exact histogram refinement, bounded memory) or "auto" (sorted when
     features fit ``memory_budget``); NetDissect-Lite's rule is its own sketch ("netdissect").
     With ``return_details`` returns (tally, DissectionDetails) with thresholds and raw counts.
+    ``split``: dissect only the index rows of that split (e.g. "test": images the model never trained on,
+    when the Broden-format data is also its training set, as with concept scenes); None: every row.
     """
     rules = get_rules(rules)
     if threshold_method not in ("auto", "sorted", "streaming"):
@@ -143,7 +146,7 @@ def dissect(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     dev = pick_device(device)
-    dataset = _open_dataset(dataset_root, categories, caffe, rules)
+    dataset = _open_dataset(dataset_root, categories, caffe, rules, split)
     cats = list(dataset.categories)
     n = len(dataset)
     if n == 0:
