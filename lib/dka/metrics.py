@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from dka.data import scenes
 from dka.data.broden import BrodenDataset
 
 __all__ = ["ConceptTruth", "localisation_share", "pointing_game"]
@@ -64,6 +65,7 @@ class ConceptTruth(Dataset):
 
     def __init__(self, root: str | Path, split: str = "test"):
         root = Path(root)
+        scenes.require_intact(root)  # the ground truth of a damaged export would be wrong
         self.broden = BrodenDataset(root)
         classes = _read_rows(root / "classes.csv")
         self.class_names = [r["name"] for r in classes]
