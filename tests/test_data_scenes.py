@@ -13,7 +13,7 @@ from PIL import Image
 
 from dka.data import scenes
 from dka.data.broden import BrodenDataset
-from dka.data.scenes import PIXEL_CATEGORIES, SceneMaker, decode_label_png, draw_background, draw_element
+from dka.data.scenes import PIXEL_CATEGORIES, Part, SceneMaker, decode_label_png
 
 
 @pytest.fixture(scope="module")
@@ -57,19 +57,19 @@ def test_every_mask_agrees_with_the_pixels_drawn(preset):
     for i in range(12):
         scene = maker.sample("train" if i % 2 else "test", i)
         image, labels, owner = maker.render(scene)
-        background = draw_background(scene.background, size)
+        background = scene.background.paint(size)
         unlabelled = np.all([labels[c] == 0 for c in PIXEL_CATEGORIES], axis=0)
         np.testing.assert_array_equal(image[unlabelled], background[unlabelled])
-        for k, el in enumerate(scene.elements):
-            host = scene.elements[el["host"]] if "host" in el else None
-            mask, layer = draw_element(el, size, host)  # redrawn on its own
-            shown = labels[el["category"]] == el["label"]
-            if el["category"] == "object":  # an object's label also covers its parts
-                shown &= ~np.isin(owner, [j for j, e in enumerate(scene.elements) if e.get("host") == k])
-            assert shown.sum() >= 0.6 * mask.sum() > 0, (preset, i, el["concept"])
+        for el in scene.elements:
+            mask, layer = el.paint(size)  # redrawn on its own
+            shown = labels[el.category] == el.label
+            if el.category == "object":  # an object's label also covers its parts
+                parts = [j for j, e in enumerate(scene.elements) if isinstance(e, Part) and e.host is el]
+                shown &= ~np.isin(owner, parts)
+            assert shown.sum() >= 0.6 * mask.sum() > 0, (preset, i, el.concept)
             assert np.all(mask[shown])
             np.testing.assert_array_equal(image[shown], layer[shown])
-        present = {el["concept"] for el in scene.elements} | {scene.background["concept"]}
+        present = {el.concept for el in scene.elements} | {scene.background.concept}
         assert present == set(scene.concepts)
 
 
@@ -101,7 +101,7 @@ def test_export_files_match_the_render(smoke_export):
         scene = maker.sample(split, index)
         clean, labels, _ = maker.render(scene)
         assert classes[row["image"]] == scene.class_index
-        assert row["scene"] == str(scene.background["label"])
+        assert row["scene"] == str(scene.background.label)
         jpeg = np.asarray(Image.open(smoke_export / "images" / row["image"]), np.float32)
         assert np.abs(jpeg - maker.final_image(scene, clean)).mean() < 4  # JPEG error only
         for cat in PIXEL_CATEGORIES:
@@ -138,7 +138,7 @@ def test_broden_round_trip(smoke_export):
         _, labels, _ = maker.render(scene)
         expected = [labels[c] for c in ("color", "object", "part", "texture") if labels[c].any()]
         np.testing.assert_array_equal(item["seg"].numpy(), np.stack(expected))
-        assert item["image_labels"].tolist() == [scene.background["label"]]
+        assert item["image_labels"].tolist() == [scene.background.label]
         assert item["image"].shape == (3, 24, 24)
     batch = BrodenDataset.collate([ds[0], ds[1], ds[2]])
     assert batch["seg"].shape[0] == 3 and batch["image_labels"].shape == (3, 1)

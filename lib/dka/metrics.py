@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from dka.data import scenes
 from dka.data.broden import BrodenDataset
 
 __all__ = ["ConceptTruth", "localisation_share", "pointing_game", "deletion_curve", "deletion_auc",
@@ -74,6 +75,7 @@ class ConceptTruth(Dataset):
     def __init__(self, root: str | Path, split: str = "test"):
         root = Path(root)
         self.root = root
+        scenes.require_intact(root)  # the ground truth of a damaged export would be wrong
         self.broden = BrodenDataset(root)
         classes = _read_rows(root / "classes.csv")
         self.class_names = [r["name"] for r in classes]

@@ -9,15 +9,19 @@ __all__ = ["main"]
 
 
 def _parser() -> argparse.ArgumentParser:
-    from dka.data.scenes import PRESETS
+    from dka.data.scenes import SCENE_PRESETS
 
     parser = argparse.ArgumentParser(prog="python -m dka data", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    sc = sub.add_parser("scenes", help="write a concept-scenes export in Broden format (cached)")
-    sc.add_argument("--preset", choices=sorted(PRESETS), default="demo32")
-    sc.add_argument("--out", required=True, help="output directory (replaced only if it is an older export)")
+    sc = sub.add_parser("scenes", help="write a concept-scenes export in Broden format (reused when intact)")
+    sc.add_argument("--preset", choices=sorted(SCENE_PRESETS), default="demo32")
+    sc.add_argument("--out", required=True, help="output directory (replaced only if it holds an export)")
     sc.add_argument("--seed", type=int, default=0)
     sc.add_argument("--processes", type=int, default=2)
+    sc.add_argument("--verify", action="store_true",
+                    help="compare every file's sha256 with the export's manifest (by default: sizes); "
+                         "a damaged export is written again")
+    sc.add_argument("--force", action="store_true", help="write the export again even if it looks intact")
     dl = sub.add_parser("download", help="download a real dataset (needs the internet)")
     dl.add_argument("dataset", choices=["cifar10", "places365", "broden"])
     dl.add_argument("--root", required=True)
@@ -29,15 +33,26 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _scenes(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from dka.data.scenes import check_export, generate, is_export
+
+    if args.processes < 1:
+        raise SystemExit(f"--processes must be >= 1, got {args.processes}")
+    force = args.force
+    if args.verify and not force and is_export(Path(args.out)):
+        check = check_export(Path(args.out), full=True)
+        print(check.describe() + ("" if check.ok else "; writing it again"))
+        force = not check.ok
+    print(generate(args.preset, args.out, seed=args.seed, processes=args.processes, force=force))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
     if args.command == "scenes":
-        from dka.data.scenes import generate
-
-        if args.processes < 1:
-            raise SystemExit(f"--processes must be >= 1, got {args.processes}")
-        print(generate(args.preset, args.out, seed=args.seed, processes=args.processes))
-        return 0
+        return _scenes(args)
     import urllib.error
 
     from dka.data import download

@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from dka.data import cifar, places, scenes
-from dka.data.images import IMAGENET_MEAN, IMAGENET_STD, InMemoryImages, cached_decode, pass_batch
+from dka.data.images import IMAGENET_MEAN, IMAGENET_STD, CorruptImageError, InMemoryImages, cached_decode, pass_batch
 
 __all__ = ["build_loaders", "DataBundle", "DATASETS", "RECOMMENDED_STEMS", "scenes_datasets", "ensure_scenes"]
 
@@ -34,35 +34,39 @@ class DataBundle:
 
 
 def scenes_datasets(root: str | Path, augment: bool = True, skip_corrupt: bool = False):
-    """(train, test, class names) of a concept-scenes export, decoded once and cached as uint8."""
+    """(train, test, class names) of a concept-scenes export, decoded once and cached as uint8.
+
+    The export is checked against its manifest first (every file's size, cheap); a damaged one is refused
+    with the command that writes it again, since it is generated data and never needs downloading."""
     root = Path(root)
+    size = int(scenes.require_intact(root)["preset"]["size"])
     with open(root / "classes.csv", newline="") as f:
         class_names = [r["name"] for r in csv.DictReader(f)]
     with open(root / "image_classes.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    size = int(scenes.read_params(root)["preset"]["size"])
     out = []
     for split in scenes.SPLITS:
         mine = [r for r in rows if r["split"] == split]
         paths = [root / "images" / r["image"] for r in mine]
-        missing = next((p for p in paths if not p.is_file()), None)
-        if missing is not None:
-            raise FileNotFoundError(f"{missing} listed in {root / 'image_classes.csv'} is missing; delete {root} "
-                                    "to have it generated again")
-        images, labels = cached_decode(root, f"scenes-{split}", paths, [int(r["class"]) for r in mine],
-                                       skip_corrupt=skip_corrupt, expected_hw=(size, size))
+        try:
+            images, labels = cached_decode(root, f"scenes-{split}", paths, [int(r["class"]) for r in mine],
+                                           skip_corrupt=skip_corrupt, expected_hw=(size, size))
+        except CorruptImageError as err:  # sizes matched, so bytes changed in place: the hashes name the files
+            scenes.require_intact(root, full=True, cause=f"an image does not decode ({err.__cause__ or err})")
+            raise
         out.append(InMemoryImages(images, labels, IMAGENET_MEAN, IMAGENET_STD, augment=augment and split == "train",
                                   pad=max(2, size // 8)))
     return out[0], out[1], class_names
 
 
 def ensure_scenes(name: str, root: str | Path) -> Path:
-    """The export of preset `name` at `root`, generated (seed 0) when `root` holds none."""
+    """The export of preset `name` at `root`, generated (seed 0) when `root` holds none, written again
+    when it is damaged (`dka.data.scenes.generate`)."""
     preset = scenes.preset_by_name(name)
     root = Path(root).expanduser()
     seed = 0
     if scenes.is_export(root):
-        stored = scenes.read_params(root)
+        stored = scenes.read_params(root)  # unreadable: refused, as the seed it was written with is unknown
         if stored["preset"]["name"] != preset.name:
             raise ValueError(f"{root} holds the concept-scenes preset {stored['preset']['name']!r}, not "
                              f"{preset.name!r}; use another root for {name}")

@@ -88,8 +88,11 @@ def _open_dataset(dataset_root, categories, caffe, rules: DissectionRules, split
     root = Path(dataset_root)
     if not (root / "index.csv").is_file():
         raise FileNotFoundError(f"no Broden dataset at {root} (index.csv missing). {BRODEN_HINT}.")
+    from dka.data import scenes
     from dka.data.broden import BrodenDataset
 
+    if scenes.is_export(root):
+        scenes.require_intact(root)  # generated data: a damaged export is refused with the command that rewrites it
     return BrodenDataset(root, categories=tuple(categories), caffe=caffe,
                          zero_image_labels=rules.zero_image_labels, split=split)
 
