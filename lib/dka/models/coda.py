@@ -14,9 +14,11 @@ Names (`dka.models.build(name, num_classes, width=..., **options)`):
   moboehle/CoDA-Nets): eight 3x3 DAU layers with 16, 16, 32, 32, 32, 64, 64, 64 units (strides 1, 1, 2,
   1, 1, 2, 1, 1; ranks 32, 32, 64, ...) and a 1x1 layer with one unit per class (rank 64), at width 16.
 - ``coda-s``      a CPU-demo variant: four 3x3 layers with w, 2w, 2w, 4w units (strides 1, 2, 1, 2) and
-  the 1x1 class layer; ranks 2w, 2w, 2w, 2w, 4w. Both end on an 8x8 map for 32 px images.
+  the 1x1 class layer; ranks 2w, 2w, 2w, 2w, 4w. Both end on an 8x8 map for 32 px images; at their default
+  widths a coda-s training step costs ~1/10 of a coda-cifar one (bench/coda_train_step.py).
 
-``width`` (w) is the number of units of the first layer (the paper's 16); every layer scales with it.
+``width`` (w) is the number of units of the first layer (default: 16 for ``coda-cifar``, the paper's; 8 for
+``coda-s``); every layer scales with it, and the cost of a layer with it cubed (units x rank x inputs).
 ``stem`` is accepted and ignored (a CoDA-Net has no stem). Build options (``--model-option KEY=VALUE``):
 ``temperature`` (T, default 1000: the paper's evaluated CIFAR-10 model), ``norm`` ("squash" as in the
 paper's "-SQ" models, or "l2"), ``rank`` (the first layer's rank, default 2w; later layers keep the
@@ -34,6 +36,7 @@ from __future__ import annotations
 
 import math
 import re
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -42,20 +45,19 @@ from dka.attribution import Attribution, resolve_target
 from dka.models._dau import NORMS, DAUConv2d
 from dka.models._registry import ModelSpec, register_model
 
-__all__ = ["CoDANet", "ColourComplement", "ARCHITECTURES", "INPUT_NORMS", "FORMS"]
+__all__ = ["CoDANet", "ColourComplement", "DAUStack", "DynamicLinearMap", "ARCHITECTURES", "INPUT_NORMS", "FORMS"]
 
 FORMS = ("coda-cifar", "coda-s")
 _PATTERN = r"coda-(?P<arch>cifar|s)"
 
-# (kernel, stride, units / width, rank / rank of the first layer) per hidden layer; then the 1x1 class layer's
-# rank / first rank.
+# (kernel, stride, units / width, rank / rank of the first layer) per hidden layer, the 1x1 class layer's
+# rank / first rank, and the default width.
 ARCHITECTURES = {
     "coda-cifar": ((
         (3, 1, 1, 1), (3, 1, 1, 1), (3, 2, 2, 2), (3, 1, 2, 2), (3, 1, 2, 2), (3, 2, 4, 2), (3, 1, 4, 2),
-        (3, 1, 4, 2)), 2),
-    "coda-s": (((3, 1, 1, 1), (3, 2, 2, 1), (3, 1, 2, 1), (3, 2, 4, 1)), 2),
+        (3, 1, 4, 2)), 2, 16),
+    "coda-s": (((3, 1, 1, 1), (3, 2, 2, 1), (3, 1, 2, 1), (3, 2, 4, 1)), 2, 8),
 }
-DEFAULT_WIDTH = 16
 INPUT_NORMS = {  # (mean, std) the training loaders normalise with (dka.data.images / dka.data.cifar)
     "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
@@ -91,6 +93,32 @@ class ColourComplement(nn.Module):
         return torch.cat([p, 1 - p], dim=1)
 
 
+class DynamicLinearMap(NamedTuple):
+    """One image's target logit as a linear map: ``logit_c - bias = sum(weights * encoded)`` exactly.
+
+    ``encoded`` (B, 6, H, W) is ``enc(x)``, ``weights`` (B, 6, H, W) the row ``W_c(x)`` of the network's
+    dynamic linear map (already divided by T); ``feature_maps`` (B, U, h, w) the class layer's input and
+    ``feature_weights`` its row of the class layer's dynamic map (``sum(feature_weights * feature_maps)`` is
+    ``logit_c - bias`` too); ``logits`` (B, classes); ``target`` (B,).
+    """
+
+    encoded: Tensor
+    weights: Tensor
+    feature_maps: Tensor
+    feature_weights: Tensor
+    logits: Tensor
+    target: Tensor
+
+
+class DAUStack(nn.Sequential):
+    """DAU layers applied in order; ``frozen`` is passed to every layer (a hookable module, for dissection)."""
+
+    def forward(self, x: Tensor, frozen: bool = False) -> Tensor:
+        for layer in self:
+            x = layer(x, frozen=frozen)
+        return x
+
+
 class CoDANet(nn.Module):
     """A Convolutional Dynamic Alignment Network (see the module docstring)."""
 
@@ -100,7 +128,8 @@ class CoDANet(nn.Module):
                  temperature: float = 1000.0, norm: str = "squash", rank: int | None = None,
                  logit_bias: float | None = None, input_norm: str = "imagenet"):
         super().__init__()
-        width = DEFAULT_WIDTH if width is None else int(width)
+        hidden, final_rank, default_width = ARCHITECTURES[spec.arch]
+        width = default_width if width is None else int(width)
         if num_classes < 2 or width < 1:
             raise ValueError(f"a CoDA-Net needs num_classes >= 2 and width >= 1; got {num_classes} and {width}")
         if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
@@ -117,23 +146,17 @@ class CoDANet(nn.Module):
                              "temperature": self.temperature, "norm": norm, "rank": rank,
                              "logit_bias": self.logit_bias, "input_norm": input_norm}
         self.encode = ColourComplement(input_norm)
-        hidden, final_rank = ARCHITECTURES[spec.arch]
         layers, channels = [], 6
         for kernel, stride, units, ranks in hidden:
             layers.append(DAUConv2d(channels, units * width, ranks * rank, kernel, stride, norm=norm))
             channels = units * width
-        self.layers = nn.Sequential(*layers)
+        self.layers = DAUStack(*layers)
         self.num_features = channels
         self.classifier = DAUConv2d(channels, num_classes, final_rank * rank, kernel_size=1, norm=norm)
 
-    def _hidden(self, enc: Tensor, frozen: bool = False) -> Tensor:
-        for layer in self.layers:
-            enc = layer(enc, frozen=frozen)
-        return enc
-
     def features(self, x: Tensor) -> Tensor:
         """(B, num_features, h, w) the maps of the units the class layer weighs (input of `classifier`)."""
-        return self._hidden(self.encode(x))
+        return self.layers(self.encode(x))
 
     def _logits(self, class_maps: Tensor) -> Tensor:
         pooled = class_maps.to(torch.promote_types(class_maps.dtype, torch.float32)).sum(dim=(2, 3))
@@ -145,6 +168,28 @@ class CoDANet(nn.Module):
     def dynamic_layers(self) -> dict[str, nn.Module]:
         """No Dynamic-K layers (the trainer's routing bookkeeping has nothing to track)."""
         return {}
+
+    def linear_map(self, x: Tensor, target=None) -> DynamicLinearMap:
+        """The rows of the network's dynamic linear map for each image's target logit (see DynamicLinearMap).
+
+        Computed as the gradient of the logit with every DAU's weights held fixed (`frozen`), which is
+        exactly ``W_c(x)``; images are independent, so one backward pass of the batch's sum serves all.
+        """
+        param = next(self.parameters())
+        x = x.to(device=param.device, dtype=param.dtype)
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.enable_grad():
+                enc = self.encode(x).detach().requires_grad_(True)
+                fmap = self.layers(enc, frozen=True)
+                logits = self._logits(self.classifier(fmap, frozen=True))
+                tgt = resolve_target(logits.detach(), target)
+                score = logits.gather(1, tgt[:, None])[:, 0]
+                weights, fmap_weights = torch.autograd.grad(score.sum(), (enc, fmap))
+        finally:
+            self.train(was_training)
+        return DynamicLinearMap(enc.detach(), weights, fmap.detach(), fmap_weights, logits.detach(), tgt)
 
     def explain(self, x: Tensor, target=None) -> Attribution:
         """The exact linear decomposition of each image's target logit (CoDA's contribution maps).
@@ -158,33 +203,27 @@ class CoDANet(nn.Module):
           definition, as for DKA), ``effective`` = ``contributions`` (every unit is used, nothing routed);
         - ``activations`` are the units' spatial means.
         """
-        param = next(self.parameters())
-        x = x.to(device=param.device, dtype=param.dtype)
-        was_training = self.training
-        self.eval()
-        try:
-            with torch.enable_grad():
-                enc = self.encode(x).detach().requires_grad_(True)
-                fmap = self._hidden(enc, frozen=True)
-                logits = self._logits(self.classifier(fmap, frozen=True))
-                tgt = resolve_target(logits.detach(), target)
-                score = logits.gather(1, tgt[:, None])[:, 0]
-                # images are independent, so the gradient of the sum is each image's own W_c(x)
-                g_enc, g_fmap = torch.autograd.grad(score.sum(), (enc, fmap))
-        finally:
-            self.train(was_training)
-        spatial = (g_enc * enc.detach()).sum(1)
-        fmap = fmap.detach()
-        products = (g_fmap * fmap).sum(dim=(2, 3))
-        score = score.detach()
-        contributions = products / score[:, None]
+        lm = self.linear_map(x, target)
+        score = lm.logits.gather(1, lm.target[:, None])[:, 0]
+        products = (lm.feature_weights * lm.feature_maps).sum(dim=(2, 3))
         cpu = lambda t: t.detach().cpu()  # noqa: E731
         return Attribution(
-            target=cpu(tgt), logits=cpu(logits), score=cpu(score),
-            bias=torch.full_like(score, self.logit_bias).cpu(), activations=cpu(fmap.mean(dim=(2, 3))),
-            products=cpu(products), contributions=cpu(contributions), effective=cpu(contributions),
-            feature_maps=cpu(fmap), spatial=cpu(spatial),
+            target=cpu(lm.target), logits=cpu(lm.logits), score=cpu(score),
+            bias=torch.full_like(score, self.logit_bias).cpu(), activations=cpu(lm.feature_maps.mean(dim=(2, 3))),
+            products=cpu(products), contributions=cpu(products / score[:, None]),
+            effective=cpu(products / score[:, None]), feature_maps=cpu(lm.feature_maps),
+            spatial=cpu((lm.weights * lm.encoded).sum(1)),
         )
+
+    def alignment(self, x: Tensor, target=None) -> Tensor:
+        """(B,) cosine between each image's encoding and the dynamic weights of its target logit, ``W_c(x)``.
+
+        The paper's mechanism made a number: norm-bounded DAUs can only produce a large logit by aligning
+        ``W_c(x)`` with ``enc(x)``, the more so the higher the temperature.
+        """
+        lm = self.linear_map(x, target)
+        w, e = lm.weights.flatten(1), lm.encoded.flatten(1)
+        return ((w * e).sum(1) / (w.norm(dim=1) * e.norm(dim=1)).clamp_min(1e-30)).detach().cpu()
 
 
 @register_model("coda", FORMS, _PATTERN, _parse,
