@@ -10,6 +10,7 @@ matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+import torch  # noqa: E402
 import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 from PIL import Image  # noqa: E402
@@ -123,12 +124,27 @@ def test_sparsity_curves_name_the_measure():
         plots.sparsity_curves(frame, measure="l0")
 
 
+def test_weight_heatmaps_share_one_colour_scale():
+    w = {"res18": np.full((4, 8), 0.5), "res18-d5a": np.full((4, 8), 0.01)}
+    fig = plots.weight_heatmaps(w)
+    limits = {ax.images[0].get_clim() for ax in fig.axes if ax.images}
+    assert len(limits) == 1  # a paler panel really holds smaller weights
+    separate = plots.weight_heatmaps(w, shared_scale=False)
+    assert len({ax.images[0].get_clim() for ax in separate.axes if ax.images}) == 2
+
+
+def test_model_colours_do_not_depend_on_the_figure():
+    assert plots.model_palette(["res18", "res18-d5a"])["res18-d5a"] == plots.model_palette(["res18-d5a"])["res18-d5a"]
+    assert plots.model_color("res18-d1a") != plots.model_color("res18-d100a")
+
+
 def test_paper_comparison_bars_prints_both_values():
     fig = plots.paper_comparison_bars({"res18": 80.0, "res18-d5a": 81.5, "res18-d7a": 79.0},
                                       {"res18": 53.69, "res18-d5a": 53.60}, title="Table 1")
     texts = _texts(fig)
     assert "81.5" in texts and "53.7" in texts and "53.6" in texts
     assert "this run" in texts and "paper" in texts and "res18-d7a" in texts
+    assert len([ax for ax in fig.axes if ax.patches]) == 2  # ours and the paper's never share an axis
 
 
 def test_sweep_dashboard_shows_both_sparsities():
@@ -195,3 +211,22 @@ def test_save_json_writes_strict_json(tmp_path):
     text = path.read_text()
     assert "NaN" not in text and "Infinity" not in text
     assert _json.loads(text) == {"a": None, "b": 0.5, "c": [3, None], "d": [0, 1]}
+
+
+def test_method_panels_and_maps_show_absence_and_truth():
+    import pandas as pd
+
+    from dka import summaries
+
+    scores = pd.DataFrame({"method": ["res18", "res18", "coda-s", "coda-s"], "seed": [0, 1, 0, 1],
+                           "localisation": [0.4, 0.5, 0.7, 0.8], "recovery precision": [0.3, 0.5, np.nan, np.nan]})
+    table = summaries.method_table(scores)
+    assert list(table["method"]) == ["res18", "coda-s"]
+    assert table.loc[0, "localisation"] == "0.450 ± 0.071" and table.loc[1, "recovery precision"] == "–"
+    fig = plots.metric_panels(scores, ["localisation", "recovery precision"])
+    assert "n/a" in _texts(fig)
+    images = torch.randn(2, 3, 8, 8)
+    masks = torch.zeros(2, 8, 8, dtype=torch.bool)
+    masks[:, 2:5, 2:5] = True
+    fig = plots.method_maps(images, masks, {"a": torch.rand(2, 8, 8), "b": torch.rand(2, 8, 8)}, ["x", "y"])
+    assert [ax.get_title() for ax in fig.axes[:4]] == ["image", "true concepts", "a", "b"]

@@ -5,8 +5,9 @@ library code under test:
 
 - `setup(profile, stage, section)` finds the project root, reads the profile's settings and returns a
   `Stage` (settings, results folder, runs folder);
-- `train_models(stage, bundle)` trains every model of the section with its recipe (`train:` =
-  `dka.train.TrainConfig` fields, optional per-model `overrides`) under the profile's `runtime`;
+- `train_models(stage, bundle)` trains every run of the section (`models:`, see `RunSpec`) with its recipe
+  (`train:` = `dka.train.TrainConfig` fields, optional per-run `overrides`) under the profile's `runtime`,
+  once per seed (`runtime.seeds`);
   finished runs are reused and interrupted ones resume; with `runtime.nproc_per_node > 1` each model
   trains under torchrun (DDP) in child processes and the finished run is then read back;
 - `checkpoints(run_dir)` lists a run's per-epoch checkpoints by the epoch their payload records;
@@ -30,8 +31,9 @@ from dka import plots, train
 from dka.checkpoint import load_checkpoint
 from dka.progress import widget_frontend_available
 
-__all__ = ["Stage", "setup", "project_root", "train_models", "torchrun_argv", "final_sparsity", "checkpoints",
-           "shared_data", "interactive_figure", "k_slider"]
+__all__ = ["Stage", "setup", "project_root", "RunSpec", "run_specs", "seeds_of", "train_models", "torchrun_argv", "final_sparsity", "checkpoints",
+           "shared_data", "interactive_figure", "k_slider",
+           "final_payloads", "evaluate_runs", "dataset_label"]
 
 
 @dataclass(frozen=True)
@@ -106,14 +108,52 @@ def torchrun_argv(config: train.TrainConfig, nproc: int) -> list[str]:
             *train.config_to_argv(config)]
 
 
+@dataclass(frozen=True)
+class RunSpec:
+    """One entry of a section's `models`: the run's name, its registry model, its recipe changes.
+
+    An entry is a registry name (run name = model name) or a mapping ``{run: NAME, model: REGISTRY NAME,
+    <TrainConfig fields>...}``, e.g. ``{run: res18-l1-x4, model: res18-l1, l1: 8.0e-3}`` for a λ sweep.
+    """
+
+    name: str
+    model: str
+    overrides: dict
+
+
+def run_specs(section: Mapping[str, Any]) -> list[RunSpec]:
+    """The section's runs in order, with `overrides[<run>]` merged into each entry's own settings."""
+    specs, seen = [], set()
+    for entry in section["models"]:
+        if isinstance(entry, str):
+            name, model, own = entry, entry, {}
+        elif isinstance(entry, Mapping) and "run" in entry and "model" in entry:
+            own = {k: v for k, v in entry.items() if k not in ("run", "model")}
+            name, model = str(entry["run"]), str(entry["model"])
+        else:
+            raise ValueError(f"a `models` entry must be a model name or {{run: NAME, model: NAME, ...}}; got {entry!r}")
+        if name in seen:
+            raise ValueError(f"run {name!r} appears twice in `models`; give each entry its own `run` name")
+        seen.add(name)
+        specs.append(RunSpec(name, model, {**own, **section.get("overrides", {}).get(name, {})}))
+    return specs
+
+
+def seeds_of(runtime: Mapping[str, Any]) -> list[int]:
+    """The seeds every run of the profile trains with: `runtime.seeds`, or `[runtime.seed]`."""
+    seeds = runtime.get("seeds")
+    return [int(s) for s in seeds] if seeds else [int(runtime["seed"])]
+
+
 def train_models(section: Mapping[str, Any] | Stage, runtime: Mapping[str, Any] | None = None,
                  runs_dir: str | Path | None = None, root: str | Path | None = None,
-                 bundle=None) -> dict[str, train.RunResult]:
-    """Train every model of a params.yaml section in order; returns model name -> RunResult.
+                 bundle=None) -> dict[str, list[train.RunResult]]:
+    """Train every run of a params.yaml section for every seed; returns run name -> [RunResult per seed].
 
     Call it as ``train_models(stage, bundle)`` from a notebook, or with the section's pieces
-    (``section, runtime, runs_dir, root``). `runs_dir/<model>/` holds each run; `root` is the folder
-    `section["root"]` is relative to; `bundle` (a dka.data.DataBundle) is shared by all models.
+    (``section, runtime, runs_dir, root``). `runs_dir/<run>/seed<k>/` holds each run; `root` is the folder
+    `section["root"]` is relative to; `bundle` (a dka.data.DataBundle) is shared by all runs. Finished
+    runs are reused and interrupted ones resume.
     """
     if isinstance(section, Stage):
         stage, bundle = section, runtime if bundle is None else bundle
@@ -122,17 +162,52 @@ def train_models(section: Mapping[str, Any] | Stage, runtime: Mapping[str, Any] 
     if runtime.get("fresh_runs") and runs_dir.exists():
         shutil.rmtree(runs_dir)
     nproc = int(runtime.get("nproc_per_node", 1))
-    results = {}
-    for name in section["models"]:
-        fields = {**section["train"], **section.get("overrides", {}).get(name, {})}
-        config = train.TrainConfig(
-            model=name, data=section["dataset"], data_root=str(Path(root) / section["root"]),
-            out=str(runs_dir / name), device=runtime["device"], workers=runtime["workers"],
-            amp=runtime["amp"], seed=runtime["seed"], **fields)
-        if nproc > 1:
-            subprocess.run(torchrun_argv(config, nproc), check=True)
-        results[name] = train.run(config, bundle=bundle)
+    results: dict[str, list[train.RunResult]] = {}
+    for spec in run_specs(section):
+        results[spec.name] = []
+        for seed in seeds_of(runtime):
+            config = train.TrainConfig(
+                model=spec.model, data=section["dataset"], data_root=str(Path(root) / section["root"]),
+                out=str(runs_dir / spec.name / f"seed{seed}"), device=runtime["device"], workers=runtime["workers"],
+                amp=runtime["amp"], seed=seed, **{**section["train"], **spec.overrides})
+            if nproc > 1:
+                subprocess.run(torchrun_argv(config, nproc), check=True)
+            results[spec.name].append(train.run(config, bundle=bundle))
     return results
+
+
+def final_payloads(results: Mapping[str, Sequence[train.RunResult]]) -> dict[str, list[dict]]:
+    """{run: [its final.pt payload per seed]} (weights, config, the last epoch's routing masks)."""
+    return {run: [load_checkpoint(r.final_path) for r in runs] for run, runs in results.items()}
+
+
+def evaluate_runs(results: Mapping[str, Sequence[train.RunResult]], loader, device: str = "cpu"):
+    """{run: [`dka.evaluation.Collected` per seed]}: one pass of each final model over `loader`'s images."""
+    from dka.evaluation import collect
+    from dka.models import load_model
+
+    out = {}
+    for run, runs in results.items():
+        out[run] = []
+        for r in runs:
+            config = load_checkpoint(r.final_path)["config"]
+            out[run].append(collect(load_model(r.final_path, map_location=device), loader, device,
+                                    amp=bool(config["amp"]), channels_last=bool(config["channels_last"])))
+    return out
+
+
+def dataset_label(section: Mapping[str, Any], stage: Stage) -> str:
+    """How figures and tables name a section's data: real data by name (the CIFAR-10 JPEG copy says so),
+    concept scenes as the stand-in they are."""
+    name = section["dataset"]
+    if name == "cifar10":
+        from dka.data import cifar
+
+        return "CIFAR-10 (JPEG copy)" if cifar.detect_format(stage.path(section["root"])) == "folder" else "CIFAR-10"
+    stands_in = {"scenes-demo32": "CIFAR-10", "scenes-demo64": "Places365", "scenes-smoke": "a smoke test"}
+    if name in stands_in:
+        return f"{name} (concept scenes, stand-in for {stands_in[name]})"
+    return {"places365": "Places365"}.get(name, name)
 
 
 def final_sparsity(result: train.RunResult) -> dict[str, float]:

@@ -103,22 +103,32 @@ def save_json(obj, path: str | os.PathLike) -> Path:
 # --------------------------------------------------------------------------------------------
 
 
-def metrics_frame(runs: Mapping[str, Sequence[Mapping]]) -> pd.DataFrame:
-    """Per-epoch metrics of several runs (model name -> metrics.jsonl records) as one long table.
+def metrics_frame(runs: Mapping[str, Sequence]) -> pd.DataFrame:
+    """Per-epoch metrics of several runs as one long table (columns `model`, `seed`, `epoch`, ...).
 
-    Scalar keys become columns; the per-layer dicts (`sparsity`, `never_routed`) are reduced to the
-    final layer's value (`head`), the one the paper's figures show.
+    `runs` maps a run name to its metrics.jsonl records, or to one `RunResult` per seed (what
+    `dka.experiments.train_models` returns; the seed is read from the run's folder, `seed<k>`). Scalar
+    keys become columns; the per-layer dicts (`sparsity`, `never_routed`) are reduced to the final
+    layer's value (`head`), the one the paper's figures show.
     """
     rows = []
-    for model, records in runs.items():
-        for record in records:
-            row = {"model": model}
-            for key, value in record.items():
-                if isinstance(value, Mapping):
-                    row[key] = value.get("head", np.nan)
-                else:
-                    row[key] = value
-            rows.append(row)
+    for model, entries in runs.items():
+        entries = list(entries)
+        if entries and hasattr(entries[0], "metrics"):
+            per_seed = [(_seed_of(r, i), r.metrics) for i, r in enumerate(entries)]
+        else:
+            per_seed = [(0, entries)]
+        for seed, records in per_seed:
+            for record in records:
+                row = {"model": model, "seed": seed}
+                for key, value in record.items():
+                    row[key] = value.get("head", np.nan) if isinstance(value, Mapping) else value
+                rows.append(row)
     if not rows:
         raise ValueError("no metrics to tabulate: every run has an empty metrics list")
     return pd.DataFrame(rows)
+
+
+def _seed_of(result, index: int) -> int:
+    name = Path(getattr(result, "out_dir", "")).name
+    return int(name[4:]) if name.startswith("seed") and name[4:].isdigit() else index

@@ -14,7 +14,7 @@ from dka.concepts import head_weight
 from dka.dissection import unit_labels
 from dka.results import save_figure
 
-__all__ = ["explanation_figure", "concept_graph", "display_rgb"]
+__all__ = ["explanation_figure", "concept_graph", "display_rgb", "method_maps"]
 
 
 def display_rgb(image) -> np.ndarray:
@@ -153,3 +153,36 @@ def concept_graph(
         ax.set_title(title)
     fig.tight_layout()
     return save_figure(fig, path, dpi=130)
+
+
+def method_maps(images, masks, maps: Mapping[str, object], captions: Sequence[str] | None = None, title: str = ""):
+    """Rows of images: the image, its true concept mask, then each method's attribution map (B, H, W).
+
+    Each map is shown as its positive part scaled to its own maximum (the methods' units differ); the
+    mask's outline is drawn over every map so one sees at a glance what falls inside the truth.
+    """
+    names = list(maps)
+    b = images.shape[0]
+    fig, axes = plt.subplots(b, len(names) + 2, figsize=(1.6 * (len(names) + 2) + 0.4, 1.7 * b + 0.6),
+                             layout="constrained", squeeze=False)
+    for i in range(b):
+        rgb = display_rgb(images[i])
+        mask = np.asarray(masks[i], dtype=float)
+        axes[i][0].imshow(rgb, interpolation="nearest")
+        axes[i][1].imshow(mask, cmap="Greys", vmin=0, vmax=1, interpolation="nearest")
+        if captions is not None:
+            axes[i][0].set_ylabel(captions[i], fontsize=7, rotation=0, ha="right", va="center")
+        for j, name in enumerate(names, start=2):
+            heat = np.clip(np.asarray(maps[name][i], dtype=float), 0, None)
+            axes[i][j].imshow(heat / (heat.max() or 1.0), cmap="inferno", vmin=0, vmax=1, interpolation="nearest")
+            if mask.any():
+                axes[i][j].contour(mask, levels=[0.5], colors="cyan", linewidths=0.6)
+        for ax in axes[i]:
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.grid(False)
+    for j, label in enumerate(["image", "true concepts", *names]):
+        axes[0][j].set_title(label, fontsize=8)
+    if title:
+        fig.suptitle(title, fontweight="bold", fontsize=11)
+    return fig

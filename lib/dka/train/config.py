@@ -21,8 +21,8 @@ import yaml
 
 from dka.models import STEMS
 
-__all__ = ["TrainConfig", "PRESETS", "SCHEDULES", "OPTIMIZERS", "LOSSES", "resolve_preset", "bf16_is_fast", "build_parser",
-           "config_from_args", "config_to_argv", "plain"]
+__all__ = ["TrainConfig", "PRESETS", "SCHEDULES", "OPTIMIZERS", "LOSSES", "resolve_preset", "bf16_is_fast",
+           "build_parser", "config_from_args", "config_to_argv", "plain"]
 
 # Epoch lists accept ints and the token "last" (= the final epoch); "all" and "none" as strings.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -78,15 +78,26 @@ SCHEDULES = ("step", "cosine", "constant")
 OPTIMIZERS = ("sgd", "adam")
 LOSSES = ("cross-entropy", "bce")
 
-# Fields added after runs were first fingerprinted: left out of the fingerprint while they hold the value
-# every earlier run had, so those runs still resume.
-_FINGERPRINT_DEFAULTS = {"optimizer": "sgd", "loss": "cross-entropy"}
-
+# Optional fields, added after runs were first fingerprinted, and their neutral values: the values that
+# reproduce the behaviour from before the field existed. A field at a neutral value is left out of the
+# fingerprint, so adding such a field to TrainConfig keeps older runs resumable. (`optimizer` and `loss`
+# are None before a preset resolves them, "sgd" and "cross-entropy" after.)
+_OPTIONAL: dict[str, tuple] = {
+    "head_weight_decay": (None,),
+    "model_options": (None, {}),
+    "optimizer": (None, "sgd"),
+    "loss": (None, "cross-entropy"),
+}
 # Fields that do not change what is computed: a resume may change them freely.
 _NOT_FINGERPRINTED = frozenset({
     "out", "data_root", "workers", "device", "progress", "compile", "threads",
     "save_head_epochs", "save_checkpoint_epochs",
 })
+
+
+def _is_neutral(value: Any, neutral: tuple) -> bool:
+    """`value` is one of the `neutral` values (compared by type too: 0.0 is not None, False is not 0)."""
+    return any(value is n or (type(value) is type(n) and value == n) for n in neutral)
 
 
 def _opt(help_: str, **extra) -> Any:
@@ -248,8 +259,10 @@ class TrainConfig:
             raise ValueError(f"head_weight_decay must be >= 0 or None; got {self.head_weight_decay}")
 
     def fingerprint_fields(self) -> dict:
+        """The settings that decide what a run computes. An optional field left at its neutral value
+        (`_OPTIONAL`) is left out, so adding such a field to TrainConfig keeps older runs resumable."""
         return {k: v for k, v in plain(dataclasses.asdict(self)).items()
-                if k not in _NOT_FINGERPRINTED and not (k in _FINGERPRINT_DEFAULTS and v == _FINGERPRINT_DEFAULTS[k])}
+                if k not in _NOT_FINGERPRINTED and not (k in _OPTIONAL and _is_neutral(v, _OPTIONAL[k]))}
 
     def fingerprint(self) -> str:
         blob = json.dumps(self.fingerprint_fields(), sort_keys=True)

@@ -175,13 +175,14 @@ def _run(cfg: TrainConfig, bundle, dist_ctx: DistContext, on_step) -> RunResult:
         trained = train_one_epoch(model, bare, train_loader, steps_per_epoch, optimizer, scheduler, cfg, env, epoch,
                                   ckpt_path if state is not None else None, start_epoch, steps_done, on_step)
         test = evaluate(model, test_loader, env, cfg.max_eval_steps, loss=cfg.loss)
+        routed = tracker.routed_masks(dist_ctx)
         row = {"epoch": epoch, "lr": lr_now, **trained,
                "test_loss": test["loss"], "test_top1": test["top1"], "test_top5": test["top5"],
-               "sparsity": layer_sparsity(bare), "never_routed": tracker.never_routed(dist_ctx),
+               "sparsity": layer_sparsity(bare), "never_routed": tracker.never_routed(dist_ctx, routed),
                "seconds": time.perf_counter() - started}
         metrics.append(row)
         rngs = all_gather_objects(run_state.rng_state(), dist_ctx)
-        state = run_state.training_payload(bare, cfg, epoch, optimizer, scheduler, rngs, metrics)
+        state = run_state.training_payload(bare, cfg, epoch, optimizer, scheduler, rngs, metrics, routed)
         if dist_ctx.main:
             run_state.save_snapshots(bare, cfg, out, epoch)
             save_atomic(state, ckpt_path)

@@ -104,13 +104,19 @@ def save_snapshots(model, cfg: TrainConfig, out: Path, epoch: int) -> None:
 
 
 def training_payload(model: nn.Module, cfg: TrainConfig, epoch: int, optimizer, scheduler, rngs: list,
-                     metrics: list[dict]) -> dict:
-    """`checkpoint.pt`: the model payload plus everything an exact resume needs."""
+                     metrics: list[dict], routed: dict[str, torch.Tensor]) -> dict:
+    """`checkpoint.pt`: the model payload plus everything an exact resume needs.
+
+    `routed` (layer -> bool (out, in) mask of the weights selected during the epoch) is kept so analyses
+    can use the weights that actually route (zeroing the others changes no logit of the training images).
+    """
     return model_payload(model, epoch, fingerprint=cfg.fingerprint(), config=plain(vars(cfg)),
                          optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), rng=rngs,
-                         metrics=metrics)
+                         metrics=metrics, routed=routed)
 
 
 def final_payload(state: dict) -> dict:
-    """`final.pt`: the model part of the last training state and the config it was trained with."""
-    return {**model_only(state), "fingerprint": state["fingerprint"], "config": state["config"]}
+    """`final.pt`: the model part of the last training state, the config it was trained with, and the
+    routing masks of its last epoch."""
+    return {**model_only(state), "fingerprint": state["fingerprint"], "config": state["config"],
+            "routed": state.get("routed", {})}
