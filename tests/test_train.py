@@ -161,6 +161,40 @@ def test_changed_configuration_is_refused(tmp_path):
         train.run(tiny_config(tmp_path / "run", model="res18", epochs=1, lr=0.3), bundle=tiny_bundle())
 
 
+# Fingerprints of runs made before the optional fields optimizer / loss existed, measured with main at
+# 5fb4f3e (`TrainConfig(**fields).resolved().fingerprint()`); amp is fixed so the hash is the same on any CPU.
+_EARLIER_FINGERPRINTS = [
+    (dict(model="res18-d5a", data="scenes-demo32", preset="demo", amp=False), "378faedf7f4d5821"),
+    (dict(model="res18", data="cifar10", preset="paper-cifar", seed=3, amp=False), "0dfc56cf748d8951"),
+    (dict(model="res18-l1", data="scenes-smoke", preset="smoke", head_weight_decay=0.0, amp=True),
+     "b45848d14a883b3c"),
+    (dict(model="res18-d5a", data="scenes-demo32", preset="demo", model_options={"a": 1}, amp=False, epochs=5),
+     "84e12d034c7e4385"),
+]
+
+
+@pytest.mark.parametrize("fields,fingerprint", _EARLIER_FINGERPRINTS)
+def test_optional_fields_at_their_neutral_value_keep_earlier_fingerprints(fields, fingerprint):
+    """A new optional field at its neutral value is absent from the fingerprint, so earlier runs resume."""
+    cfg = train.TrainConfig(out="x", **fields)
+    assert cfg.resolved().fingerprint() == fingerprint
+    # stating a neutral value explicitly is the same run ...
+    explicit = dict(optimizer="sgd", loss="cross-entropy")
+    if "model_options" not in fields:
+        explicit["model_options"] = {}
+    if "head_weight_decay" not in fields:
+        explicit["head_weight_decay"] = None
+    assert train.TrainConfig(out="y", **fields, **explicit).resolved().fingerprint() == fingerprint
+    names = cfg.resolved().fingerprint_fields()
+    assert "optimizer" not in names and "loss" not in names
+    # ... and a non-neutral value is another run
+    for change in (dict(optimizer="adam"), dict(loss="bce")):
+        other = train.TrainConfig(out="x", **fields, **change).resolved()
+        assert other.fingerprint() != fingerprint and set(change) <= set(other.fingerprint_fields())
+    if "head_weight_decay" not in fields:  # 0.0 is a setting, not the neutral None
+        assert train.TrainConfig(out="x", head_weight_decay=0.0, **fields).resolved().fingerprint() != fingerprint
+
+
 def test_l1_penalty_shrinks_the_head(tmp_path):
     runs = {}
     for l1 in (0.0, 0.5):

@@ -29,7 +29,8 @@ __all__ = ["Attribution", "decompose_linear_head", "resolve_target", "inference_
 class Attribution:
     """Unit contributions of a batch of images to their target classes (one target per image).
 
-    All tensors are on the CPU, float32. Units are 0-based here (tally units are 1-based).
+    All tensors are on the CPU, float32 (a model may keep float64 when it runs in float64, as CoDA-Nets do
+    for exact checks). Units are 0-based here (tally units are 1-based).
     """
 
     target: Tensor  # (B,) long: the explained class per image

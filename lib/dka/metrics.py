@@ -7,11 +7,13 @@ concepts, so an explanation of the class can be checked against where the class'
   concept (an image-level background label) marks the background pixels, those no element covers.
 - `localisation_share(maps, masks)`: the share of the positive attribution that falls inside the mask.
 - `pointing_game(maps, masks)`: whether the attribution's peak falls inside the mask.
+- `explanation_localisation(model, truth)`: both scores of a model's own explanation (`model.explain`) of
+  every image's true class, one row per image.
 - `deletion_curve` / `deletion_auc`: faithfulness — delete the most-attributed pixels first and watch the
   class probability fall (a small area is better).
 - `score_explanations`: all of these over a whole test split, for any method's explanation function.
 
-All functions take attribution maps at image resolution, e.g. `Attribution.pixel_map(size)`.
+The score functions take attribution maps at image resolution, e.g. `Attribution.pixel_map(size)`.
 """
 
 from __future__ import annotations
@@ -22,15 +24,18 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
+import pandas as pd
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from dka.data import scenes
 from dka.data.broden import BrodenDataset
+from dka.explain import attribute
+from dka.progress import tqdm
 
 __all__ = ["ConceptTruth", "localisation_share", "pointing_game", "deletion_curve", "deletion_auc",
-           "score_explanations", "DELETION_FRACTIONS"]
+           "score_explanations", "explanation_localisation", "DELETION_FRACTIONS"]
 
 DELETION_FRACTIONS = tuple(i / 10 for i in range(11))
 
@@ -199,3 +204,43 @@ def score_explanations(model: nn.Module, truth: ConceptTruth, explain: Callable[
     finally:
         model.train(was_training)
     return {k: torch.cat(v).numpy() for k, v in out.items()}
+
+
+def explanation_localisation(model: nn.Module, truth: ConceptTruth, batch_size: int = 64, limit: int | None = None,
+                             progress: bool = False) -> pd.DataFrame:
+    """Score a model's own explanation of each image's *true* class against that class's concept masks.
+
+    The explanation is `dka.explain.attribute(model, images, labels).pixel_map(image size)`: the spatial
+    contribution map (a DKA/ResNet head's unit maps weighted by the head, CoDA's exact ``W(x) * x``).
+
+    Args:
+        model: a dka model (anything `attribute` accepts).
+        truth: the split to score (`ConceptTruth`).
+        batch_size: images per `explain` call.
+        limit: score only the first `limit` images (None: all).
+        progress: show a progress bar.
+
+    Returns:
+        One row per image: ``index`` (into `truth`), ``label``, ``predicted``, ``correct``, ``share`` (the
+        positive mass inside the mask; NaN without positive mass), ``pointing`` (the peak inside the mask),
+        ``mask_fraction`` (the mask's share of the image: what a uniform map would score).
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    count = len(truth) if limit is None else min(int(limit), len(truth))
+    loader = DataLoader(torch.utils.data.Subset(truth, range(count)), batch_size=batch_size, shuffle=False,
+                        collate_fn=ConceptTruth.collate)
+    rows = []
+    for batch in tqdm(loader, desc="localisation", disable=not progress, leave=False):
+        attr = attribute(model, batch["image"], batch["label"])
+        masks = batch["mask"]
+        maps = attr.pixel_map(tuple(masks.shape[-2:]))
+        share, hit = localisation_share(maps, masks), pointing_game(maps, masks)
+        predicted = attr.logits.argmax(1)
+        for i in range(masks.shape[0]):
+            rows.append({"index": int(batch["index"][i]), "label": int(batch["label"][i]),
+                         "predicted": int(predicted[i]), "correct": bool(predicted[i] == batch["label"][i]),
+                         "share": float(share[i]), "pointing": bool(hit[i]),
+                         "mask_fraction": float(masks[i].float().mean())})
+    return pd.DataFrame(rows, columns=["index", "label", "predicted", "correct", "share", "pointing",
+                                       "mask_fraction"])

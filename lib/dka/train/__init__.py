@@ -9,14 +9,15 @@
 - `schedule`    learning-rate schedules
 """
 
-from dka.train.config import (PRESETS, SCHEDULES, TrainConfig, bf16_is_fast, build_parser, config_from_args,
-                              config_to_argv, resolve_preset)
+from dka.train.config import (LOSSES, OPTIMIZERS, PRESETS, SCHEDULES, TrainConfig, bf16_is_fast, build_parser,
+                              config_from_args, config_to_argv, resolve_preset)
 from dka.train.distributed import AllReduceBatchNorm2d, DistContext
 from dka.train.loop import RunResult, evaluate, run, train_one_epoch
-from dka.train.objectives import training_loss
+from dka.train.objectives import classification_loss, training_loss
 from dka.train.routing import RoutingTracker, layer_sparsity
 from dka.train.schedule import LrFactor
 
-__all__ = ["run", "RunResult", "TrainConfig", "PRESETS", "SCHEDULES", "resolve_preset", "bf16_is_fast",
-           "build_parser", "config_from_args", "config_to_argv", "train_one_epoch", "evaluate", "training_loss",
+__all__ = ["run", "RunResult", "TrainConfig", "PRESETS", "SCHEDULES", "OPTIMIZERS", "LOSSES", "resolve_preset",
+           "bf16_is_fast", "build_parser", "config_from_args", "config_to_argv", "train_one_epoch", "evaluate",
+           "training_loss", "classification_loss",
            "RoutingTracker", "layer_sparsity", "LrFactor", "AllReduceBatchNorm2d", "DistContext"]

@@ -30,7 +30,7 @@ from dka.train import state as run_state
 from dka.train.config import TrainConfig
 from dka.train.distributed import (DistContext, all_gather_objects, all_reduce, barrier, convert_allreduce_bn,
                                    init_distributed)
-from dka.train.objectives import training_loss
+from dka.train.objectives import classification_loss, training_loss
 from dka.train.routing import RoutingTracker, layer_sparsity
 from dka.train.schedule import LrFactor
 
@@ -133,8 +133,7 @@ def _run(cfg: TrainConfig, bundle, dist_ctx: DistContext, on_step) -> RunResult:
     bare = bare.to(device=env.device, memory_format=env.memory_format)
     if dist_ctx.world > 1 and cfg.sync_bn:
         bare = nn.SyncBatchNorm.convert_sync_batchnorm(bare) if env.device.type == "cuda" else convert_allreduce_bn(bare)
-    optimizer = torch.optim.SGD(_parameter_groups(bare, cfg), lr=cfg.lr, momentum=cfg.momentum,
-                                weight_decay=cfg.weight_decay)
+    optimizer = _optimizer(bare, cfg)
     lr_factor = LrFactor(cfg.schedule, steps_per_epoch, cfg.epochs, cfg.milestones, cfg.gamma, cfg.warmup_epochs)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
 
@@ -175,7 +174,7 @@ def _run(cfg: TrainConfig, bundle, dist_ctx: DistContext, on_step) -> RunResult:
         lr_now = optimizer.param_groups[0]["lr"]
         trained = train_one_epoch(model, bare, train_loader, steps_per_epoch, optimizer, scheduler, cfg, env, epoch,
                                   ckpt_path if state is not None else None, start_epoch, steps_done, on_step)
-        test = evaluate(model, test_loader, env, cfg.max_eval_steps)
+        test = evaluate(model, test_loader, env, cfg.max_eval_steps, loss=cfg.loss)
         routed = tracker.routed_masks(dist_ctx)
         row = {"epoch": epoch, "lr": lr_now, **trained,
                "test_loss": test["loss"], "test_top1": test["top1"], "test_top5": test["top5"],
@@ -248,8 +247,10 @@ def train_one_epoch(model: nn.Module, bare: nn.Module, loader: DataLoader, steps
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, env: Environment, max_steps: int | None = None) -> dict:
-    """Cross-entropy loss, top-1 and top-5 (%) over the test loader (summed over DDP ranks)."""
+def evaluate(model: nn.Module, loader: DataLoader, env: Environment, max_steps: int | None = None,
+             loss: str = "cross-entropy") -> dict:
+    """The classification loss (`objectives.classification_loss` of kind `loss`), top-1 and top-5 (%) over the
+    test loader (summed over DDP ranks)."""
     model.eval()
     sums = torch.zeros(4, dtype=torch.float64, device=env.device)  # loss, top1, top5, count
     for images, labels in itertools.islice(loader, max_steps or None):
@@ -260,7 +261,7 @@ def evaluate(model: nn.Module, loader: DataLoader, env: Environment, max_steps: 
         k = min(5, logits.shape[1])
         hit = logits.topk(k, dim=1).indices == labels[:, None]
         sums += torch.stack([
-            torch.nn.functional.cross_entropy(logits, labels, reduction="sum").double(),
+            classification_loss(logits, labels, loss, reduction="sum").double(),
             hit[:, 0].sum().double(), hit.any(1).sum().double(),
             torch.tensor(float(labels.shape[0]), dtype=torch.float64, device=env.device),
         ])
@@ -295,10 +296,21 @@ def _environment(cfg: TrainConfig, dist_ctx: DistContext) -> Environment:
     return Environment(device=device, amp=cfg.amp, memory_format=memory_format, dist=dist_ctx)
 
 
+def _optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """The recipe's optimiser: SGD with momentum (the paper's) or Adam (CoDA-Nets'), coupled weight decay."""
+    groups = _parameter_groups(model, cfg)
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
 def _parameter_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
     """All parameters at the recipe's weight decay, the final layer at `head_weight_decay` when set."""
     if cfg.head_weight_decay is None:
         return [{"params": list(model.parameters())}]
+    if not isinstance(getattr(model, "head", None), nn.Module):
+        raise ValueError(f"--head-weight-decay needs a model with a final linear layer `head`; "
+                         f"{type(model).__name__} has none: leave it unset")
     head = {id(p) for p in model.head.parameters()}
     return [{"params": [p for p in model.parameters() if id(p) not in head]},
             {"params": list(model.head.parameters()), "weight_decay": cfg.head_weight_decay}]

@@ -1,6 +1,7 @@
 """The training objective, and the engine's one extension point for a method's extra loss.
 
-Every model trains on cross-entropy. A method that needs more (the L1 head of the paper's baseline, the
+Every model trains on a classification loss, `classification_loss`: cross-entropy (the default), or the
+one-vs-all binary cross-entropy CoDA-Nets train with (``TrainConfig.loss = "bce"``). A method that needs more (the L1 head of the paper's baseline, the
 Interpretable-CNN filter loss, the gate losses of network decoupling) adds it by defining on its model::
 
     def auxiliary_losses(self, labels: Tensor, recipe: TrainConfig) -> dict[str, Tensor]:
@@ -19,27 +20,46 @@ from typing import NamedTuple
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["Loss", "training_loss"]
+__all__ = ["Loss", "training_loss", "classification_loss"]
 
 
 class Loss(NamedTuple):
-    """The loss of one step: what is optimised (`total`), its cross-entropy part, the extra terms."""
+    """The loss of one step: what is optimised (`total`), its classification part (`cross_entropy`: the
+    softmax cross-entropy, or the binary one under ``loss="bce"``), the extra terms."""
 
     total: Tensor
     cross_entropy: Tensor
     auxiliary: dict[str, Tensor]
 
 
+def classification_loss(logits: Tensor, labels: Tensor, kind: str = "cross-entropy",
+                        reduction: str = "mean") -> Tensor:
+    """The classification loss of `logits` (B, classes) for `labels` (B,), in float32.
+
+    ``"cross-entropy"``: softmax cross-entropy. ``"bce"``: binary cross-entropy of every logit against the
+    one-hot target, averaged over the classes (so one image's loss does not grow with the class count; the
+    CoDA-Nets recipe, `nn.BCEWithLogitsLoss` on one-hot targets). ``reduction``: "mean" or "sum" over images.
+    """
+    logits = logits.float()
+    if kind == "cross-entropy":
+        return F.cross_entropy(logits, labels, reduction=reduction)
+    if kind == "bce":
+        target = F.one_hot(labels, logits.shape[1]).to(logits.dtype)
+        per_image = F.binary_cross_entropy_with_logits(logits, target, reduction="none").mean(1)
+        return per_image.sum() if reduction == "sum" else per_image.mean()
+    raise ValueError(f"unknown classification loss {kind!r}; valid: cross-entropy, bce")
+
+
 def training_loss(model: nn.Module, logits: Tensor, labels: Tensor, recipe) -> Loss:
-    """Cross-entropy of `logits` plus the model's `auxiliary_losses` (see the module docstring).
+    """The classification loss of `logits` plus the model's `auxiliary_losses` (see the module docstring).
 
     Args:
         model: the bare network (not the DDP / compile wrapper), which defines the extra terms.
         logits: (B, classes) of the training forward pass just run.
         labels: (B,) class indices.
-        recipe: the run's resolved `TrainConfig` (e.g. its `l1` strength).
+        recipe: the run's resolved `TrainConfig` (its `loss` kind, e.g. its `l1` strength).
     """
-    ce = F.cross_entropy(logits.float(), labels)
+    ce = classification_loss(logits, labels, getattr(recipe, "loss", None) or "cross-entropy")
     hook = getattr(model, "auxiliary_losses", None)
     extra = dict(hook(labels, recipe)) if callable(hook) else {}
     for name, value in extra.items():

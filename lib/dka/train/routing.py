@@ -102,8 +102,12 @@ class RoutingTracker:
 
 
 def layer_sparsity(model: nn.Module) -> dict[str, float]:
-    """Share of |w| < 1e-3 for the head and every dynamic layer (the paper's sparsity measure)."""
-    layers = {"head": model.head}
+    """Share of |w| < 1e-3 for the head and every dynamic layer (the paper's sparsity measure).
+
+    Models without a linear `head` (CoDA-Nets) report their dynamic layers only (none: ``{}``).
+    """
+    head = getattr(model, "head", None)
+    layers = {"head": head} if isinstance(getattr(head, "weight", None), torch.Tensor) else {}
     layers.update(model.dynamic_layers())
     return {name: (m.weight.detach().abs() < SPARSITY_THRESHOLD).float().mean().item()
             for name, m in layers.items()}

@@ -95,7 +95,9 @@ def _head_payload(model: nn.Module, epoch: int) -> dict:
 
 
 def save_snapshots(model, cfg: TrainConfig, out: Path, epoch: int) -> None:
-    if epoch in cfg.save_head_epochs:
+    """The epoch's `head_epochEEE.pt` (models with a linear `head` only) and `checkpoint_epochEEE.pt`."""
+    head = getattr(unwrap_model(model), "head", None)
+    if epoch in cfg.save_head_epochs and isinstance(getattr(head, "weight", None), torch.Tensor):
         save_atomic(_head_payload(model, epoch), out / f"head_epoch{epoch:03d}.pt")
     if epoch in cfg.save_checkpoint_epochs:
         save_atomic(model_payload(model, epoch), out / f"checkpoint_epoch{epoch:03d}.pt")
