@@ -123,6 +123,7 @@ class CoDANet(nn.Module):
     """A Convolutional Dynamic Alignment Network (see the module docstring)."""
 
     final_layer_name = "classifier"
+    feature_layer = "layers"  # the last feature map, what dissection labels (a ResNet's layer4)
 
     def __init__(self, spec: ModelSpec, num_classes: int, stem: str = "cifar", width: int | None = None,
                  temperature: float = 1000.0, norm: str = "squash", rank: int | None = None,
