@@ -24,7 +24,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("models", ("dka.models",)),
     ("data", ("dka.data",)),
     ("train", ("dka.train",)),
-    ("analysis", ("dka.dissection", "dka.concepts", "dka.explain", "dka.metrics", "dka.stats", "dka.claims")),
+    ("analysis", ("dka.dissection", "dka.concepts", "dka.explain", "dka.metrics", "dka.stats", "dka.claims",
+                  "dka.related")),
     ("presentation", ("dka.results", "dka.plots", "dka.report")),
     ("application", ("dka.cli", "dka.experiments", "dka.__main__")),
 ]
