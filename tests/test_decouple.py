@@ -54,8 +54,9 @@ def test_closed_gates_zero_their_filters_and_the_last_block_zeroes_head_inputs()
 
 
 def test_losses_by_hand_and_their_gradients_reach_the_control_modules():
-    model = _model(mi_weight=0.5, align_weight=2.0, sparsity_weight=3.0, open_target=0.25).train()
+    model = _model(mi_weight=0.5, align_weight=2.0, sparsity_weight=3.0, open_target=0.25, ramp_steps=4).train()
     x, y = torch.randn(6, 3, 16, 16), torch.tensor([0, 1, 2, 3, 0, 1])
+    model.train_steps.fill_(2)  # half way up the ramp: the gate terms at half weight
     model(x)
     blocks = list(model.blocks().values())
     gates = [g.float() for b in blocks for g in b.gates]
@@ -64,15 +65,27 @@ def test_losses_by_hand_and_their_gradients_reach_the_control_modules():
     assert set(aux) == {"mi", "align", "sparsity"}
     mi = F.cross_entropy(model.path_classifier(torch.cat(gates, 1) / sum(model.gated_layers().values()) ** 0.5), y)
     assert aux["mi"].item() == pytest.approx(0.5 * mi.item(), rel=1e-5)
-    align = sum(((e - g) ** 2).sum(1).mean() for e, g in zip(codes, gates))  # summed over gates, mean over images
-    assert aux["align"].item() == pytest.approx(2.0 * align.item(), rel=1e-5)
     # every gate starts open: each layer's open rate is 1, 0.75 above the target, for each of its filters
     assert all((g == 1).all() for g in gates)
-    assert aux["sparsity"].item() == pytest.approx(3.0 * 0.75 * sum(model.gated_layers().values()), rel=1e-5)
+    assert aux["sparsity"].item() == pytest.approx(0.5 * 3.0 * 0.75 * sum(model.gated_layers().values()), rel=1e-5)
+    assert aux["align"].item() == 0.0  # no closed gate: no output to limit
+    assert model.train_steps.item() == 3
+    with torch.no_grad():  # close half of layer3.0's conv1 filters: their outputs now count
+        model.layer3[0].control1.fc2.bias[::2] = -5.0
+    model(x)
+    gates = [g.float() for b in blocks for g in b.gates]
+    codes = [e for b in blocks for e in b.encodings]
+    aux = model.auxiliary_losses(y, None)
+    align = sum(((1 - g) * e).sum(1).mean() for e, g in zip(codes, gates))  # summed over gates, mean over images
+    assert align > 0 and aux["align"].item() == pytest.approx(0.75 * 2.0 * align.item(), rel=1e-5)
     sum(aux.values()).backward()
-    for b in blocks:
-        assert b.control1.fc2.bias.grad.abs().sum() > 0 and b.control2.fc1.weight.grad.abs().sum() > 0
-    assert model.layer2[0].conv1.weight.grad.abs().sum() > 0  # the alignment also reaches the filters
+    for b in blocks:  # every gate logit gets a gradient; fc1 wherever its hidden ReLUs are alive (tiny widths kill some)
+        for control in (b.control1, b.control2):
+            assert control.fc2.bias.grad.abs().sum() > 0
+            alive = (control.fc2.weight.grad.abs().sum(0) > 0).any()
+            assert alive == (control.fc1.weight.grad.abs().sum() > 0)
+    assert sum(c.fc1.weight.grad.abs().sum() > 0 for b in blocks for c in (b.control1, b.control2)) >= len(blocks)
+    assert model.layer3[0].conv1.weight.grad.abs().sum() > 0  # the alignment also reaches the filters
     with pytest.raises(RuntimeError, match="training forward"):
         model.auxiliary_losses(y, None)
 

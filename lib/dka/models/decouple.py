@@ -14,12 +14,15 @@ calculation path (the open filters) through the network:
   class score is the contribution of the gated path.
 - **Losses** (`auxiliary_losses`): ``mi_weight * CE(q(y | A), y)`` with q a linear variational
   classifier (`path_classifier`) on the concatenated gates A (scaled by 1/sqrt(len A)): maximising E log q(y|A) maximises the
-  variational lower bound H(y) + E log q(y|A) of MI(A; y). ``align_weight * sum_gates (e - g)^2``:
+  variational lower bound H(y) + E log q(y|A) of MI(A; y). ``align_weight * sum_gates (1 - g) e``:
   each layer's output encoded per filter, ``e = tanh(mean_hw |a|)`` with a the filter's ungated
-  output, aligned with its gate (a closed filter should have had nothing to say).
-  ``sparsity_weight * sum_layers filters_l * relu(open_rate_l - open_target)``: an L1 penalty on the
-  open gates of every layer whose open rate is above the target. The two gate terms are sums over
-  all gated filters (means over images), so their weights act per gate, as an L1 strength does.
+  output, aligned with its gate: a closed filter should have had nothing to say (its output is
+  pushed down, or its gate open). ``sparsity_weight * sum_layers filters_l * relu(open_rate_l -
+  open_target)``: an L1 penalty on the open gates of every layer whose open rate is above the
+  target. The two gate terms are sums over all gated filters (means over images), so their weights
+  act per gate, as an L1 strength does; both ramp up linearly over the first ``ramp_steps``
+  training steps (counted in the buffer `train_steps`), so a network trained from scratch first
+  learns with every filter open.
 
 Only the paper's abstracts (arXiv v1 and the ECCV version) were at hand when this was written, not
 its equations. They say that each layer's output is encoded and aligned with the layer's
@@ -49,7 +52,7 @@ __all__ = ["DecoupledResNet", "GatedBasicBlock", "ControlModule", "PathAttributi
            "FORMS", "OPTIONS"]
 
 FORMS = ("res18-decouple",)
-OPTIONS = ("mi_weight", "align_weight", "sparsity_weight", "open_target", "hidden_ratio", "open_init")
+OPTIONS = ("mi_weight", "align_weight", "sparsity_weight", "open_target", "ramp_steps", "hidden_ratio", "open_init")
 _PATTERN = r"res18-decouple"
 
 
@@ -73,7 +76,7 @@ class ControlModule(nn.Module):
         super().__init__()
         self.fc1 = nn.Linear(in_channels, hidden)
         self.fc2 = nn.Linear(hidden, out_channels)
-        nn.init.zeros_(self.fc2.weight)  # every gate starts at logit open_init, for every input
+        nn.init.normal_(self.fc2.weight, std=0.01)  # every gate starts near logit open_init, for every input
         nn.init.constant_(self.fc2.bias, open_init)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -173,19 +176,21 @@ class DecoupledResNet(DKAResNet):
     """ResNet18 with a control module and binary gates on every convolution of its residual blocks."""
 
     def __init__(self, spec: ModelSpec, num_classes: int, stem: str = "cifar", width: int = 64,
-                 mi_weight: float = 0.5, align_weight: float = 0.01, sparsity_weight: float = 0.05,
-                 open_target: float = 0.5, hidden_ratio: float = 0.25, open_init: float = 1.0):
+                 mi_weight: float = 0.5, align_weight: float = 0.01, sparsity_weight: float = 0.02,
+                 open_target: float = 0.5, ramp_steps: int = 300, hidden_ratio: float = 0.25,
+                 open_init: float = 1.0):
         super().__init__(spec, num_classes=num_classes, stem=stem, width=width)
         if (min(mi_weight, align_weight, sparsity_weight) < 0 or not 0 < open_target <= 1 or hidden_ratio <= 0
-                or open_init <= 0):
+                or open_init <= 0 or ramp_steps < 0):
             raise ValueError(f"res18-decouple options out of range: weights must be >= 0 (mi {mi_weight}, align "
                              f"{align_weight}, sparsity {sparsity_weight}), 0 < open_target <= 1 (got {open_target}), "
-                             f"hidden_ratio > 0 (got {hidden_ratio}), open_init > 0 (got {open_init})")
+                             f"hidden_ratio > 0 (got {hidden_ratio}), open_init > 0 (got {open_init}), ramp_steps >= 0 "
+                             f"(got {ramp_steps})")
         self.mi_weight, self.align_weight, self.sparsity_weight = float(mi_weight), float(align_weight), float(sparsity_weight)
-        self.open_target = float(open_target)
+        self.open_target, self.ramp_steps = float(open_target), int(ramp_steps)
         self.build_kwargs.update(mi_weight=self.mi_weight, align_weight=self.align_weight,
                                  sparsity_weight=self.sparsity_weight, open_target=self.open_target,
-                                 hidden_ratio=float(hidden_ratio), open_init=float(open_init))
+                                 ramp_steps=self.ramp_steps, hidden_ratio=float(hidden_ratio), open_init=float(open_init))
         stages = [getattr(self, f"layer{s}") for s in range(1, 5)]
         last = (len(stages) - 1, len(stages[-1]) - 1)
         for s, stage in enumerate(stages):
@@ -193,6 +198,7 @@ class DecoupledResNet(DKAResNet):
                 stage[b] = GatedBasicBlock(stage[b], hidden_ratio, open_init, post_residual=(s, b) == last)
         widths = self.gated_layers()
         self.path_classifier = nn.Linear(sum(widths.values()), num_classes)
+        self.register_buffer("train_steps", torch.zeros((), dtype=torch.long))
 
     def blocks(self) -> dict[str, GatedBasicBlock]:
         return {n: m for n, m in self.named_modules() if isinstance(m, GatedBasicBlock)}
@@ -236,14 +242,16 @@ class DecoupledResNet(DKAResNet):
         codes = [e for b in blocks for e in b.encodings]
         for b in blocks:
             b.encodings = None
+        ramp = min(1.0, float(self.train_steps) / self.ramp_steps) if self.ramp_steps else 1.0
+        self.train_steps += 1
         out = {}
         if self.mi_weight:
             out["mi"] = self.mi_weight * F.cross_entropy(self.classify_path(torch.cat(gates, dim=1)), labels)
         if self.align_weight:
-            out["align"] = self.align_weight * sum(((e - g) ** 2).sum(1).mean() for e, g in zip(codes, gates))
+            out["align"] = ramp * self.align_weight * sum(((1 - g) * e).sum(1).mean() for e, g in zip(codes, gates))
         if self.sparsity_weight:
             excess = [g.shape[1] * F.relu(g.mean() - self.open_target) for g in gates]
-            out["sparsity"] = self.sparsity_weight * sum(excess)
+            out["sparsity"] = ramp * self.sparsity_weight * sum(excess)
         return out
 
     def explain(self, x: Tensor, target=None) -> PathAttribution:
