@@ -60,6 +60,23 @@ def test_concept_hits_count_peaks_inside_true_masks():
     assert out["purity"] == pytest.approx(0.5) and out["modal_concept"][0] in (1, 2)
 
 
+def test_own_concept_rate_is_cross_fitted_and_counts_an_absent_concept_as_a_miss():
+    mask_a = torch.zeros(8, 8, dtype=torch.bool)
+    mask_a[:4, :4] = True  # cell 0 of a 2 x 2 map
+    mask_b = torch.zeros(8, 8, dtype=torch.bool)
+    mask_b[4:, 4:] = True  # cell 3
+    masks = [{1: mask_a, 2: mask_b}] * 3 + [{2: mask_b}]  # the weakest image lacks concept 1
+    maps = _maps([[0], [0], [0], [0]], [[4.0], [3.0], [2.0], [1.0]], [[1.0]] * 4, [0, 0, 0, 0])
+    out = filters.concept_hits(maps, torch.tensor([0]), masks)
+    # ranks 0, 2 choose concept 1 on ranks 1, 3 (one hit) and hit it twice; ranks 1, 3 choose it on 0, 2
+    # and hit it once (rank 3's image has no concept 1: a miss there, and no area for chance)
+    assert out["concept_rate"] == pytest.approx(3 / 4)
+    assert out["concept_chance"] == pytest.approx((0.25 * 3 + 0.0) / 4)
+    assert out["hit_rate"] == pytest.approx(3 / 4) and out["purity"] == pytest.approx(1.0)
+    one = filters.concept_hits(_maps([[0]], [[1.0]], [[1.0]], [0]), torch.tensor([0]), masks[:1])
+    assert np.isnan(one["concept_rate"])  # a single top image leaves a half empty: undefined, not 0
+
+
 def test_concept_landmarks_are_mask_centroids():
     m = torch.zeros(4, 4, dtype=torch.bool)
     m[0:2, 2:4] = True

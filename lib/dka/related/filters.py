@@ -172,7 +172,11 @@ def concept_hits(maps: FilterMaps, categories: Tensor, masks: list[dict[int, Ten
     Returns:
         dict with ``hit_rate`` (mean over filters of the share of their top images whose peak is inside a
         true concept), ``chance`` (the same for a peak at a random cell), ``purity`` (mean over filters
-        of the share of hits inside their most frequent concept) and per-filter arrays.
+        of the share of hits inside their most frequent concept), ``concept_rate`` (mean over filters of
+        the share of top images whose peak is inside the mask of the filter's own concept: one concept
+        per filter, a miss where the image lacks it), ``concept_chance`` (the same for a random cell)
+        and per-filter arrays. The own concept is cross-fitted: the modal concept of the other half of
+        the filter's top images (alternating by peak rank), so choosing it does not inflate its rate.
     """
     if len(masks) != maps.labels.shape[0]:
         raise ValueError(f"{len(masks)} mask sets for {maps.labels.shape[0]} images")
@@ -192,6 +196,8 @@ def concept_hits(maps: FilterMaps, categories: Tensor, masks: list[dict[int, Ten
     chance = np.full_like(hit_rate, np.nan)
     purity = np.full_like(hit_rate, np.nan)
     modal = np.full(categories.shape[0], -1)
+    concept_rate = np.full_like(hit_rate, np.nan)
+    concept_chance = np.full_like(hit_rate, np.nan)
     for unit, category in enumerate(categories.tolist()):
         chosen = [i for i in _top_images(maps, unit, category, top).tolist() if inside[i]]
         if not chosen:
@@ -208,9 +214,38 @@ def concept_hits(maps: FilterMaps, categories: Tensor, masks: list[dict[int, Ten
         if counts:
             best = max(counts, key=counts.get)
             modal[unit], purity[unit] = best, counts[best] / sum(hits)
+        own = _own_concept_rate(list(zip(chosen, peaks)), inside)
+        if own is not None:
+            concept_rate[unit], concept_chance[unit] = own
     return {"hit_rate": float(np.nanmean(hit_rate)), "chance": float(np.nanmean(chance)),
-            "purity": float(np.nanmean(purity)), "per_filter_hit_rate": hit_rate, "per_filter_chance": chance,
-            "per_filter_purity": purity, "modal_concept": modal}
+            "purity": float(np.nanmean(purity)), "concept_rate": _nanmean(concept_rate),
+            "concept_chance": _nanmean(concept_chance), "per_filter_hit_rate": hit_rate, "per_filter_chance": chance,
+            "per_filter_purity": purity, "per_filter_concept_rate": concept_rate, "modal_concept": modal}
+
+
+def _nanmean(values: np.ndarray) -> float:
+    return float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
+
+
+def _own_concept_rate(top: list[tuple[int, int]], inside: list[dict[int, Tensor]]) -> tuple[float, float] | None:
+    """(rate, chance) of peaks inside one concept's mask, the concept chosen on the other half of the
+    (image, peak cell) pairs (ranks 0, 2, 4, ... vs 1, 3, 5, ...); None if a half has no hit to choose from."""
+    halves = (top[0::2], top[1::2])
+    hits = n = chance = 0.0
+    for this, other in (halves, halves[::-1]):
+        counts: dict[int, int] = {}
+        for i, p in other:
+            for k, at in inside[i].items():
+                counts[k] = counts.get(k, 0) + int(at[p])
+        if not this or not counts or max(counts.values()) == 0:
+            return None
+        k = max(counts, key=counts.get)
+        for i, p in this:
+            at = inside[i].get(k)
+            hits += float(at is not None and bool(at[p]))
+            chance += 0.0 if at is None else float(at.float().mean())
+        n += len(this)
+    return hits / n, chance / n
 
 
 def _cell_pixels(cells: Tensor, map_size: tuple[int, int], size: tuple[int, int]) -> tuple[Tensor, Tensor]:
