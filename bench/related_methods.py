@@ -3,11 +3,14 @@
     python bench/related_methods.py train res18-icnn --data scenes-demo32 --seed 0   # one run (resumable)
     python bench/related_methods.py icnn --data scenes-demo32                      # checks -> results/related/icnn/
     python bench/related_methods.py decouple --data scenes-demo32                  # checks -> results/related/decouple/
+    python bench/related_methods.py icnn --data scenes-demo32 --seeds 1            # one seed's checks (cached)
 
 Runs live in runs/related/<data>/<model>/seed<S>/ (`dka.train.run`: an interrupted run resumes from its
 checkpoint.pt, a finished one is returned as is). The checks read the finished runs of all seeds
 given and compare each method with plain res18 trained by the same recipe (RECIPES) on the same
 seeds; results/related/<method>/<data>.json and .md hold the numbers (mean +- sd over seeds).
+Each seed's checks are cached next to its run (checks_<method>.json, redone when final.pt is newer or
+with --recompute), so the checks can run seed by seed in short commands and then be summarised.
 CIFAR-10 here is the JPEG copy (`--data-root`); the concept scenes are the stand-in with known masks.
 """
 
@@ -40,7 +43,7 @@ RECIPES = {"scenes-demo32": dict(preset="demo", epochs=12), "cifar10": dict(pres
 OPTIONS = {
     "res18": {},
     "res18-icnn": dict(filter_weight=1.0, tau=0.5),
-    "res18-decouple": dict(mi_weight=0.5, align_weight=1.0, sparsity_weight=2.0, open_target=0.5),
+    "res18-decouple": dict(mi_weight=0.5, align_weight=0.01, sparsity_weight=0.02, open_target=0.5, ramp_steps=300),
 }
 OUT = ROOT / "results" / "related"
 
@@ -81,6 +84,21 @@ def finished(data_name: str, model: str, seeds) -> list[tuple[int, dict, Path]]:
         metrics = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
         out.append((seed, metrics[-1], d / "final.pt"))
     return out
+
+
+CHECKS_VERSION = 2  # bump when a check changes: cached per-seed checks of another version are redone
+
+
+def cached_checks(run: Path, method: str, recompute: bool, compute) -> dict:
+    """One seed's checks from `run`/checks_<method>.json if it is current, else `compute()` (then cached)."""
+    cache = run / f"checks_{method}.json"
+    if cache.is_file() and not recompute and cache.stat().st_mtime >= (run / "final.pt").stat().st_mtime:
+        saved = json.loads(cache.read_text())
+        if saved.get("version") == CHECKS_VERSION:
+            return saved["checks"]
+    checks = compute()
+    cache.write_text(json.dumps({"version": CHECKS_VERSION, "checks": checks}, indent=1, sort_keys=True))
+    return checks
 
 
 def mean_sd(values) -> dict:
@@ -167,21 +185,8 @@ def icnn_checks(args) -> None:
     for model_name in ("res18", "res18-icnn"):
         per_seed = []
         for seed, last, path in finished(args.data, model_name, args.seeds):
-            model = load_model(path)
-            fit_maps = filters.collect_filter_maps(model, batches(fit), progress=False)
-            categories = filters.assign_categories(fit_maps.totals, fit_maps.labels, len(class_names))
-            maps = filters.collect_filter_maps(model, batches(test), progress=False)
-            one = {"seed": seed, "test_top1": last["test_top1"],
-                   "specificity": filters.category_specificity(maps, categories, len(class_names))["mean_share"],
-                   "classes_covered": int(categories.unique().numel())}
-            if hasattr(model, "filter_classes"):
-                one["trained_assignment_agrees"] = float((model.filter_classes.cpu() == categories).float().mean())
-            if masks is not None:
-                one["instability"] = filters.location_instability(maps, categories, landmarks)["instability"]
-                one["instability_random_peaks"] = filters.location_instability(
-                    filters.random_peaks(maps, seed), categories, landmarks)["instability"]
-                hits = filters.concept_hits(maps, categories, masks)
-                one.update(hit_rate=hits["hit_rate"], hit_chance=hits["chance"], hit_purity=hits["purity"])
+            one = cached_checks(path.parent, "icnn", args.recompute,
+                                lambda: _icnn_seed(seed, last, path, fit, test, masks, landmarks, class_names))
             per_seed.append(one)
             print(model_name, one, flush=True)
         keys = [k for k in per_seed[0] if k != "seed"]
@@ -193,12 +198,35 @@ def icnn_checks(args) -> None:
                          "(random peaks)": fmt(summary["instability_random_peaks"], 3),
                          "peak in a true concept": fmt(summary["hit_rate"], 3),
                          "(random cell)": fmt(summary["hit_chance"], 3),
-                         "hits in modal concept": fmt(summary["hit_purity"], 3)} if masks is not None else {})})
+                         "hits in modal concept": fmt(summary["hit_purity"], 3),
+                         "peak in the filter's own concept": fmt(summary["concept_rate"], 3),
+                         "(random cell, own concept)": fmt(summary["concept_chance"], 3)} if masks is not None else {})})
     plain, icnn = (record["models"][m]["per_seed"] for m in ("res18", "res18-icnn"))
     record["accuracy_cost"] = mean_sd([p["test_top1"] - i["test_top1"] for p, i in zip(plain, icnn)])
     write(OUT / "icnn", args.data, record, rows, title=f"Interpretable CNN vs plain res18 on {label(args.data)}",
           notes=[f"accuracy cost (plain - icnn, paired by seed): {fmt(record['accuracy_cost'])} points",
                  f"chance category specificity: {1 / len(class_names):.3f}"])
+
+
+def _icnn_seed(seed, last, path, fit, test, masks, landmarks, class_names) -> dict:
+    """One finished run's filter checks: categories assigned on training images, measured on test images."""
+    model = load_model(path)
+    fit_maps = filters.collect_filter_maps(model, batches(fit), progress=False)
+    categories = filters.assign_categories(fit_maps.totals, fit_maps.labels, len(class_names))
+    maps = filters.collect_filter_maps(model, batches(test), progress=False)
+    one = {"seed": seed, "test_top1": last["test_top1"],
+           "specificity": filters.category_specificity(maps, categories, len(class_names))["mean_share"],
+           "classes_covered": int(categories.unique().numel())}
+    if hasattr(model, "filter_classes"):
+        one["trained_assignment_agrees"] = float((model.filter_classes.cpu() == categories).float().mean())
+    if masks is not None:
+        one["instability"] = filters.location_instability(maps, categories, landmarks)["instability"]
+        one["instability_random_peaks"] = filters.location_instability(
+            filters.random_peaks(maps, seed), categories, landmarks)["instability"]
+        hits = filters.concept_hits(maps, categories, masks)
+        one.update(hit_rate=hits["hit_rate"], hit_chance=hits["chance"], hit_purity=hits["purity"],
+                   concept_rate=hits["concept_rate"], concept_chance=hits["concept_chance"])
+    return one
 
 
 # ------------------------------------------------------------------------------------------- decouple
@@ -217,21 +245,26 @@ def decouple_checks(args) -> None:
     per_seed = []
     for (seed, last, path), (_, plain_last, plain_path) in zip(finished(args.data, "res18-decouple", args.seeds),
                                                                 plain_runs):
-        model, plain = load_model(path), load_model(plain_path)
-        rec = paths.collect_paths(model, batches(test), progress=False)
-        sparsity = paths.gate_sparsity(rec.gates)
-        one = {"seed": seed, "test_top1": last["test_top1"], "plain_top1": plain_last["test_top1"],
-               "closed_gates": sparsity["overall"],
-               **{f"closed_{stage}": statistics.fmean(v for k, v in sparsity["layers"].items() if k.startswith(stage))
-                  for stage in ("layer1", "layer2", "layer3", "layer4")}}
-        one.update(_compute_cost(model, plain, timing_set))
-        one.update(_timing_at_width({k: float(v.float().mean()) for k, v in rec.gates.items()}, 64,
-                                    tuple(test[0][0].shape[1:])))
-        one.update(_detection(model, plain, fit, adv_set, len(class_names), args.epsilon, seed))
+        def compute():
+            model, plain = load_model(path), load_model(plain_path)
+            rec = paths.collect_paths(model, batches(test), progress=False)
+            sparsity = paths.gate_sparsity(rec.gates)
+            one = {"seed": seed, "test_top1": last["test_top1"], "plain_top1": plain_last["test_top1"],
+                   "closed_gates": sparsity["overall"],
+                   **{f"closed_{stage}": statistics.fmean(v for k, v in sparsity["layers"].items()
+                                                          if k.startswith(stage))
+                      for stage in ("layer1", "layer2", "layer3", "layer4")}}
+            one.update(_compute_cost(model, plain, timing_set))
+            one.update(_timing_at_width({k: float(v.float().mean()) for k, v in rec.gates.items()}, 64,
+                                        tuple(test[0][0].shape[1:])))
+            one.update(_detection(model, plain, fit, adv_set, len(class_names), args.epsilon, seed))
+            if seed == args.seeds[0] and masks is not None and not args.no_dissect:
+                _path_table(model, rec, class_names, args, seed)
+            return one
+
+        one = cached_checks(path.parent, f"decouple_eps{args.epsilon:.5f}_n{n_adv}", args.recompute, compute)
         per_seed.append(one)
         print(one, flush=True)
-        if seed == args.seeds[0] and masks is not None and not args.no_dissect:
-            _path_table(model, rec, class_names, args)
     keys = [k for k in per_seed[0] if k != "seed"]
     summary = {k: mean_sd([s[k] for s in per_seed]) for k in keys}
     record["models"]["res18-decouple"] = {"per_seed": per_seed, "summary": summary}
@@ -343,7 +376,7 @@ def _detection(model, plain, fit, adv_set, num_classes: int, epsilon: float, see
     return out
 
 
-def _path_table(model, rec, class_names, args) -> None:
+def _path_table(model, rec, class_names, args, seed: int) -> None:
     """Per-class paths through layer3/layer4 with Network Dissection labels of each gated layer's output."""
     from dka.dissection import dissect
 
@@ -359,7 +392,7 @@ def _path_table(model, rec, class_names, args) -> None:
     out = OUT / "decouple"
     out.mkdir(parents=True, exist_ok=True)
     (out / f"paths_{args.data}.md").write_text(
-        f"**Per-class calculation paths of res18-decouple (seed {args.seeds[0]}) on {label(args.data)}**: per class and "
+        f"**Per-class calculation paths of res18-decouple (seed {seed}) on {label(args.data)}**: per class and "
         "gated layer of layer3/layer4, the two filters most specific to the class (open for >= 50% of its test images, "
         "largest excess over the average image), with the Network Dissection concept of the filter (gated output, "
         "concept-scenes export; IoU).\n\n" + markdown_table(table, floatfmt={"open_in_class": ".2f", "open_overall": ".2f",
@@ -401,6 +434,7 @@ def main(argv=None) -> None:
         c = sub.add_parser(name, help=f"the {name} paper's checks over finished runs")
         c.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
         c.add_argument("--threads", type=int, default=2)
+        c.add_argument("--recompute", action="store_true", help="redo cached per-seed checks")
         if name == "decouple":
             c.add_argument("--epsilon", type=float, default=4 / 255, help="FGSM step in [0, 1] pixels")
             c.add_argument("--adversarial", type=int, default=1000, help="test images attacked")
