@@ -25,7 +25,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("data", ("dka.data",)),
     ("train", ("dka.train",)),
     ("analysis", ("dka.dissection", "dka.concepts", "dka.explain", "dka.metrics", "dka.stats", "dka.claims",
-                  "dka.comparison", "dka.evaluation", "dka.baselines", "dka.summaries", "dka.posthoc")),
+                  "dka.comparison", "dka.evaluation", "dka.baselines", "dka.summaries", "dka.posthoc",
+                  "dka.related")),
     ("presentation", ("dka.results", "dka.plots", "dka.report")),
     ("application", ("dka.cli", "dka.experiments", "dka.__main__")),
 ]

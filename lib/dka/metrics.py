@@ -103,11 +103,9 @@ class ConceptTruth(Dataset):
 
     def mask(self, seg: Tensor, image_labels: Tensor, label: int) -> Tensor:
         """(H, W) bool: pixels of the class's true concepts (background pixels for a scene concept)."""
-        wanted = self.class_labels[label]
-        pixel_wanted = torch.tensor(sorted(wanted - self.scene_labels), dtype=seg.dtype)
-        mask = torch.isin(seg, pixel_wanted).any(0) if len(pixel_wanted) else torch.zeros(seg.shape[1:], dtype=torch.bool)
-        if wanted & self.scene_labels & set(image_labels.tolist()):
-            mask |= (seg == 0).all(0)
+        mask = torch.zeros(seg.shape[1:], dtype=torch.bool)
+        for one in self.concept_masks(seg, image_labels, label).values():
+            mask |= one
         return mask
 
     def masks(self, batch: dict, classes: Tensor) -> Tensor:
@@ -115,6 +113,19 @@ class ConceptTruth(Dataset):
         (e.g. the predicted class instead of the true one)."""
         return torch.stack([self.mask(batch["seg"][b], batch["image_labels"][b], int(classes[b]))
                             for b in range(len(classes))])
+
+    def concept_masks(self, seg: Tensor, image_labels: Tensor, label: int) -> dict[int, Tensor]:
+        """Concept label number -> (H, W) bool pixels of that one true concept of the class, for the class's
+        concepts present in the image (a scene concept: the background pixels)."""
+        present = set(image_labels.tolist())
+        out = {}
+        for number in sorted(self.class_labels[label]):
+            if number in self.scene_labels:
+                if number in present:
+                    out[number] = (seg == 0).all(0)
+            else:
+                out[number] = (seg == number).any(0)
+        return out
 
     def __getitem__(self, j: int) -> dict:
         index, label = self.items[j]

@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 from torch import nn
 
-__all__ = ["ModelSpec", "register_model", "list_models", "parse_name", "build"]
+__all__ = ["ModelSpec", "register_model", "list_models", "parse_name", "build", "check_options"]
 
 
 @dataclass(frozen=True)
@@ -111,6 +111,14 @@ def parse_name(name: str) -> ModelSpec:
     """The ModelSpec of a registry name; unknown names raise a ValueError listing the valid forms."""
     fam, match = _find(name)
     return fam.parse(name, match)
+
+
+def check_options(name: str, options: dict, allowed) -> None:
+    """A family's build options must be among `allowed`; otherwise a ValueError lists the valid ones."""
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ValueError(f"unknown build option(s) {unknown} for {name!r}; valid options: {', '.join(sorted(allowed))} "
+                         "(python -m dka train --model-option KEY=VALUE)")
 
 
 def build(name: str, num_classes: int, **options) -> nn.Module:
