@@ -24,7 +24,9 @@ ROOT = Path(__file__).resolve().parents[1]
 PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text())
 DVC = yaml.safe_load((ROOT / "dvc.yaml").read_text())
 PROFILES = [k for k, v in PARAMS.items() if isinstance(v, dict)]
-STAGES = DVC["stages"]
+ALL_STAGES = DVC["stages"]
+# one stage per notebook, plus `claims`, which gathers their claim records into results/<profile>/claims.md
+STAGES = {name: stage for name, stage in ALL_STAGES.items() if name != "claims"}
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 # What each notebook reads from its profile section (a missing key would fail only at run time).
 SECTION_KEYS = {
@@ -182,4 +184,13 @@ def test_dvc_resolves_the_templated_stages():
     out = subprocess.run([dvc, "stage", "list"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     names = [line.split()[0] for line in out.stdout.splitlines() if line.strip()]
-    assert names == [f"{stage}@{PARAMS['profile']}" for stage in STAGES]
+    assert names == [f"{stage}@{PARAMS['profile']}" for stage in ALL_STAGES]
+
+
+def test_claims_stage_reads_every_notebook_that_records_claims():
+    """`dvc repro` rewrites results/<profile>/claims.md whenever a notebook's claims.json changes."""
+    stage = ALL_STAGES["claims"]["do"]
+    recorded = sorted(nb.stem for nb in NOTEBOOKS if "claims.record(" in nb.read_text())
+    assert recorded, "no notebook records a claim"
+    assert sorted(d.split("/")[2] for d in stage["deps"] if d.endswith("/claims.json")) == recorded
+    assert stage["cmd"] == "python -m dka claims --results results/${item}"
