@@ -73,7 +73,8 @@ def score_run(model: nn.Module, truth: ConceptTruth, broden_root: str | Path,
     out = {"localisation": float(np.nanmean(scores["localisation"])),
            "pointing game": float(np.mean(scores["pointing"])),
            "deletion AUC": float(np.mean(scores["deletion_auc"]))}
-    tally = dissect(model, feature_layer(model), broden_root, batch_size=batch_size, device=device, progress=progress)
+    tally = dissect(model, feature_layer(model), broden_root, batch_size=batch_size, device=device, progress=progress,
+                    split=truth.split)  # held-out images only: the export is also the training data
     summary = tally_summary(tally)
     out.update({"interpretable units (%)": 100.0 * summary["interpretable_units"] / summary["units"],
                 "unique concepts": float(summary["unique_concepts"]), "mean IoU": summary["mean_score"]})
