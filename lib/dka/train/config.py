@@ -22,7 +22,7 @@ import yaml
 from dka.models import STEMS
 
 __all__ = ["TrainConfig", "PRESETS", "SCHEDULES", "resolve_preset", "bf16_is_fast", "build_parser",
-           "config_from_args", "config_to_argv", "plain"]
+           "config_from_args", "config_to_argv", "plain", "type_problem"]
 
 # Epoch lists accept ints and the token "last" (= the final epoch); "all" and "none" as strings.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -57,10 +57,14 @@ PRESETS: dict[str, dict[str, Any]] = {
 SCHEDULES = ("step", "cosine", "constant")
 
 # Fields that do not change what is computed: a resume may change them freely.
+# skip_corrupt: a run that met a corrupt image must be resumable with --skip-corrupt added; what data it
+# trains on is checked by the dataset identity stored in the checkpoint (dka.data.identity).
 _NOT_FINGERPRINTED = frozenset({
     "out", "data_root", "workers", "device", "progress", "compile", "threads",
-    "save_head_epochs", "save_checkpoint_epochs",
+    "save_head_epochs", "save_checkpoint_epochs", "skip_corrupt",
 })
+# Fields holding a list of epochs or ints: a comma-separated string or a list.
+_LIST_FIELDS = ("milestones", "save_head_epochs", "save_checkpoint_epochs")
 
 
 def _opt(help_: str, **extra) -> Any:
@@ -100,7 +104,10 @@ def _parse_epochs(spec, epochs: int, clip: bool = False) -> tuple[int, ...]:
     out = set()
     for item in items:
         item = str(item).strip()
-        value = epochs if item == "last" else int(item)
+        try:
+            value = epochs if item == "last" else int(item)
+        except ValueError:
+            raise ValueError(f"{item!r} in {spec!r} is neither an epoch number nor 'last'") from None
         if clip and value > epochs:
             continue
         if not 0 <= value <= epochs:
@@ -113,7 +120,10 @@ def _parse_ints(spec) -> tuple[int, ...]:
     if spec is None or spec == "" or spec == "none":
         return ()
     items = spec.split(",") if isinstance(spec, str) else list(spec)
-    return tuple(int(str(x).strip()) for x in items)
+    try:
+        return tuple(int(str(x).strip()) for x in items)
+    except ValueError:
+        raise ValueError(f"{spec!r} is not a list of integers like 70,140") from None
 
 
 def plain(obj):
@@ -173,9 +183,13 @@ class TrainConfig:
         "help": "pool BatchNorm statistics across DDP processes (exact global-batch equivalence)"})
     threads: int | None = _opt("CPU threads (default: cores / local processes)")
     progress: bool = field(default=True, metadata={"help": "progress bars"})
+    skip_corrupt: bool = field(default=False, metadata={
+        "help": "skip images that cannot be decoded instead of stopping: each is warned, their number is "
+                "printed and stored per epoch in metrics.jsonl (skipped_images); may be added on resume"})
 
     def resolved(self) -> TrainConfig:
         """A copy with every preset-driven field filled in and validated."""
+        self.check_types()
         preset_name = resolve_preset(self.preset, self.data)
         preset = PRESETS[preset_name]
         values = dataclasses.asdict(self)
@@ -187,15 +201,36 @@ class TrainConfig:
                 from_preset.add(key)
         values["amp"] = bf16_is_fast(values["device"]) if values["amp"] is None else bool(values["amp"])
         values["channels_last"] = True if values["channels_last"] is None else bool(values["channels_last"])
-        values["milestones"] = _parse_ints(values["milestones"])
+        try:
+            values["milestones"] = _parse_ints(values["milestones"])
+        except ValueError as err:
+            raise ValueError(f"milestones: {err}") from None
         values["model_options"] = dict(values["model_options"] or {})
         epochs = int(values["epochs"])
         for key in ("save_head_epochs", "save_checkpoint_epochs"):
             # a preset's list is cut to a shortened run; a list the user gave must fit it
-            values[key] = _parse_epochs(values[key], epochs, clip=key in from_preset)
+            try:
+                values[key] = _parse_epochs(values[key], epochs, clip=key in from_preset)
+            except ValueError as err:
+                raise ValueError(f"{key}: {err}") from None
         cfg = TrainConfig(**values)
         cfg._validate()
         return cfg
+
+    def check_types(self) -> None:
+        """A TypeError naming the field, the value and the fix for a value of the wrong type.
+
+        Settings often come from YAML, which reads `1e-2` (no decimal point) as the string "1e-2": that
+        would otherwise fail deep inside the optimiser with an error that names no field.
+        """
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value is None and f.default is None:
+                continue
+            kind = "list" if f.name in _LIST_FIELDS else _base_type(f.type)
+            problem = type_problem(value, kind)
+            if problem:
+                raise TypeError(f"{f.name}: {problem}")
 
     def _validate(self) -> None:
         if self.epochs < 1:
@@ -236,6 +271,36 @@ def _base_type(annotation: str) -> str:
     """'int | None' -> 'int'; the field types are strings under `from __future__ import annotations`."""
     parts = [p.strip() for p in annotation.split("|") if p.strip() != "None"]
     return parts[0] if len(parts) == 1 else "str"
+
+
+_KIND_NAMES = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string",
+               "dict": "a mapping of KEY: VALUE", "list": "a list or a comma-separated string"}
+
+
+def type_problem(value, kind: str) -> str | None:
+    """Why `value` is not of `kind` (int, float, bool, str, dict, list) and how to write it; None if it is."""
+    fits = {
+        "int": isinstance(value, int) and not isinstance(value, bool),
+        "float": isinstance(value, (int, float)) and not isinstance(value, bool),
+        "bool": isinstance(value, bool),
+        "str": isinstance(value, str),
+        "dict": isinstance(value, dict),
+        "list": isinstance(value, (str, list, tuple)),
+    }.get(kind, True)
+    if fits:
+        return None
+    problem = f"expected {_KIND_NAMES[kind]}, got {type(value).__name__} {value!r}"
+    if isinstance(value, str) and kind in ("int", "float"):
+        try:
+            float(value)
+        except ValueError:
+            return problem
+        mantissa, _, exponent = value.lower().partition("e")
+        if kind == "float" and exponent and "." not in mantissa:
+            return (f"{problem}: YAML reads {value} (a number with an exponent but no decimal point) as text; "
+                    f"write {mantissa}.0e{exponent}")
+        return f"{problem}: write the number without quotes"
+    return problem
 
 
 def _key_value(text: str) -> tuple[str, Any]:

@@ -102,13 +102,15 @@ def save_snapshots(model, cfg: TrainConfig, out: Path, epoch: int) -> None:
 
 
 def training_payload(model: nn.Module, cfg: TrainConfig, epoch: int, optimizer, scheduler, rngs: list,
-                     metrics: list[dict]) -> dict:
-    """`checkpoint.pt`: the model payload plus everything an exact resume needs."""
+                     metrics: list[dict], dataset: dict | None = None) -> dict:
+    """`checkpoint.pt`: the model payload plus everything an exact resume needs, and the identity of the
+    data it trains on (`dka.data.identity`), which a resume compares."""
     return model_payload(model, epoch, fingerprint=cfg.fingerprint(), config=plain(vars(cfg)),
                          optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), rng=rngs,
-                         metrics=metrics)
+                         metrics=metrics, dataset=dataset)
 
 
 def final_payload(state: dict) -> dict:
-    """`final.pt`: the model part of the last training state and the config it was trained with."""
-    return {**model_only(state), "fingerprint": state["fingerprint"], "config": state["config"]}
+    """`final.pt`: the model part of the last training state, the config and the data it was trained with."""
+    return {**model_only(state), "fingerprint": state["fingerprint"], "config": state["config"],
+            "dataset": state.get("dataset")}
