@@ -1,8 +1,9 @@
 # dka — one-command setup, tests, the DVC pipeline and the benchmarks.
 #   make test    create .venv (pinned deps), install dka editable, run pytest + nbval (smoke profile)
 #   make repro   check params.yaml, then dvc repro of the profile named there (default: demo, CPU, < 30 min);
-#                make repro PROFILE=smoke|cifar-cpu|paper for another profile (params.yaml is not edited)
+#                make repro PROFILE=<name> for another profile of params.yaml (params.yaml is not edited)
 #   make bench   print the benchmark tables (never asserts timings)
+#   make lab     JupyterLab on the notebooks, with the project's kernel and the K sliders (LAB_ARGS=... to add options)
 
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
@@ -11,7 +12,7 @@ STAMP  := $(VENV)/.dka-installed
 TRITON := triton==3.9.0
 PROFILE ?=
 
-.PHONY: setup test test-lib test-notebooks repro bench clean-venv
+.PHONY: setup test test-lib test-notebooks repro bench lab clean-venv
 
 setup: $(STAMP)
 
@@ -40,11 +41,11 @@ test-notebooks: setup
 		MPLBACKEND=Agg $(PY) -m pytest -q -p no:cacheprovider --nbval-lax --nbval-current-env notebooks; \
 	else echo "no notebooks yet"; fi
 
-# `make repro` = `dvc repro` of one profile's stages: the `profile:` of params.yaml, or PROFILE=smoke|demo|
-# cifar-cpu|paper. `python -m dka params` first checks every profile of params.yaml (exit 2 lists each problem;
-# run it alone to check an edit) and prints that profile's stage names (`01_cifar@demo` ...; dvc.yaml defines
-# one stage per notebook and profile), so nothing runs on a typo and params.yaml is never edited. Stage
-# commands run python and papermill from the venv, hence PATH.
+# `make repro` = `dvc repro` of one profile's stages: the `profile:` of params.yaml, or PROFILE=<name> (any
+# profile listed in dvc.yaml's `vars: - profiles:`). `python -m dka params` first checks every profile of
+# params.yaml (exit 2 lists each problem; run it alone to check an edit) and prints that profile's stage
+# names (`01_cifar@demo` ...; dvc.yaml defines one stage per notebook and profile), so nothing runs on a
+# typo and params.yaml is never edited. Stage commands run python and papermill from the venv, hence PATH.
 repro: setup
 	@set -e; export PATH="$(CURDIR)/$(VENV)/bin:$$PATH"; \
 	stages=$$($(PY) -m dka params --stages $(if $(PROFILE),--profile '$(PROFILE)')); \
@@ -57,6 +58,11 @@ bench: setup
 	@if $(PY) -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then \
 		$(PY) bench/kernels.py --quick; else echo "bench/kernels.py: skipped (needs a CUDA GPU)"; fi
 
+# The venv's JupyterLab (ipywidgets' front-end extension ships with jupyterlab_widgets) and its kernel
+# "Python 3 (dka)"; dvc and papermill on PATH for its terminals. Jupyter refuses root unless told (containers).
+lab: setup
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/jupyter lab --ServerApp.root_dir="$(CURDIR)" \
+		$(if $(filter 0,$(shell id -u)),--allow-root) $(LAB_ARGS) notebooks/01_cifar.ipynb
 
 clean-venv:
 	rm -rf $(VENV)

@@ -3,6 +3,9 @@
     python bench/layers.py            # all shapes of the foundation issue (a few minutes on 2 cores)
     python bench/layers.py --quick    # two shapes, fewer repeats
 
+Methods: `direct` (the formula with autograd through topk), `dka PyTorch` (dka.layers with
+DKA_DISABLE_CPU_KERNEL=1: the chunked autograd function of dka._core), `dka kernel` (dka.layers as
+users get it: the fused CPU kernel of dka.kernels.cpu, built before timing), `dense` (F.linear).
 Each (shape, method) runs in its own subprocess so that its peak resident memory (ru_maxrss minus
 the resident size just before the first forward) belongs to it alone. Times are the median of
 `--repeats` forward+backward passes after one warm-up. All numbers come from this run; the ratios
@@ -26,7 +29,7 @@ SHAPES = [  # (label, rows, out, in, k)
     ("1x1 internal, 32x14x14 rows", 6272, 256, 128, 32),
     ("1x1 internal, 256x14x14 rows", 50176, 256, 128, 32),
 ]
-METHODS = ("direct", "dka", "dense")
+METHODS = ("direct", "dka-pytorch", "dka", "dense")
 # The direct formula at 50,176 rows would hold a 6.6 GB product tensor plus its backward copies.
 DIRECT_MAX_ELEMENTS = 1_000_000_000
 
@@ -39,6 +42,8 @@ def _rss_bytes() -> int:
 def _worker(method: str, rows: int, out: int, inp: int, k: int, repeats: int, threads: int) -> dict:
     import resource
 
+    if method == "dka-pytorch":
+        os.environ["DKA_DISABLE_CPU_KERNEL"] = "1"
     import torch
 
     from dka.layers import dynamic_k_linear
@@ -50,13 +55,16 @@ def _worker(method: str, rows: int, out: int, inp: int, k: int, repeats: int, th
     b = torch.zeros(out, requires_grad=True)
     grad = torch.randn(rows, out, generator=g)
 
+    node = []
+
     def step():
         if method == "direct":
             y = (x[:, None, :] * w).topk(k, -1).values.sum(-1) + b
-        elif method == "dka":
+        elif method.startswith("dka"):
             y = dynamic_k_linear(x, w, b, k)
         else:
             y = torch.nn.functional.linear(x, w, b)
+        node.append(type(y.grad_fn).__name__)
         y.backward(grad)
         x.grad = w.grad = b.grad = None
 
@@ -69,7 +77,7 @@ def _worker(method: str, rows: int, out: int, inp: int, k: int, repeats: int, th
         step()
         times.append(time.perf_counter() - start)
     times.sort()
-    return {"ms": 1000 * times[len(times) // 2], "peak_mib": max(peak, 0) / 2**20}
+    return {"ms": 1000 * times[len(times) // 2], "peak_mib": max(peak, 0) / 2**20, "node": node[-1]}
 
 
 def _run_case(method, rows, out, inp, k, repeats, threads) -> dict | None:
@@ -102,26 +110,47 @@ def main(argv=None) -> int:
 
     shapes = SHAPES[1:2] + SHAPES[3:4] if args.quick else SHAPES
     repeats = 3 if args.quick else args.repeats
+    kernel_note = _build_cpu_kernel()
     print(f"# Dynamic-K layer benchmark (forward+backward, float32)\n")
     print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {args.threads} threads, "
-          f"median of {repeats}; peak = resident memory above the inputs\n")
-    header = ("| shape | rows x out x in, k | direct ms | dka ms | dense ms | dka / direct time "
-              "| direct MiB | dka MiB | dense MiB | dka / direct memory |")
+          f"median of {repeats}; peak = resident memory above the inputs; {kernel_note}\n")
+    header = ("| shape | rows x out x in, k | direct ms | dka PyTorch ms | dka kernel ms | dense ms "
+              "| kernel / direct | kernel / dense | PyTorch / direct "
+              "| direct MiB | dka PyTorch MiB | dka kernel MiB | dense MiB |")
     lines = [header, "|---" * (header.count("|") - 1) + "|"]
     for label, rows, out, inp, k in tqdm(shapes, desc="shapes", file=sys.stderr):
         res = {m: _run_case(m, rows, out, inp, k, repeats, args.threads) for m in METHODS}
-        d, y, n = res["direct"], res["dka"], res["dense"]
-        time_ratio = y["ms"] / d["ms"] if d else None
-        mem_ratio = y["peak_mib"] / d["peak_mib"] if d and d["peak_mib"] > 0 else None
+        d, p, y, n = res["direct"], res["dka-pytorch"], res["dka"], res["dense"]
+        if y["node"] != "_CpuDynamicKFunctionBackward":
+            y = None  # the kernel did not run (no compiler, or disabled): no kernel column
+        ms = {name: r and r["ms"] for name, r in (("d", d), ("p", p), ("y", y))}
         lines.append(
-            f"| {label} | {rows} x {out} x {inp}, {k} | {_fmt(d and d['ms'], '.1f')} | {y['ms']:.1f} | "
-            f"{n['ms']:.2f} | {_fmt(time_ratio, '.3f')} | {_fmt(d and d['peak_mib'], '.0f')} | "
-            f"{y['peak_mib']:.0f} | {n['peak_mib']:.0f} | {_fmt(mem_ratio, '.3f')} |"
+            f"| {label} | {rows} x {out} x {inp}, {k} | {_fmt(ms['d'], '.1f')} | {p['ms']:.1f} | "
+            f"{_fmt(ms['y'], '.1f')} | {n['ms']:.2f} | {_fmt(_ratio(ms['y'], ms['d']), '.3f')} | "
+            f"{_fmt(_ratio(ms['y'], n['ms']), '.1f')} | {_fmt(_ratio(ms['p'], ms['d']), '.3f')} | "
+            f"{_fmt(d and d['peak_mib'], '.0f')} | {p['peak_mib']:.0f} | {_fmt(y and y['peak_mib'], '.0f')} | "
+            f"{n['peak_mib']:.0f} |"
         )
     print("\n".join(lines))
     print("\n— : the direct formula is not run where its product tensor alone exceeds "
           f"{DIRECT_MAX_ELEMENTS:,} elements (it would need tens of GB).")
     return 0
+
+
+def _ratio(a, b):
+    return a / b if a is not None and b else None
+
+
+def _build_cpu_kernel() -> str:
+    """Build the CPU kernel before timing anything (the first use in a process would build it)."""
+    from dka.kernels import cpu
+
+    start = time.perf_counter()
+    try:
+        path = cpu.build_cpu_kernel()
+    except cpu.CpuKernelUnavailable as err:
+        return f"CPU kernel unavailable ({err})"
+    return f"CPU kernel {path.name} ready in {time.perf_counter() - start:.1f} s (0 = cached build)"
 
 
 if __name__ == "__main__":

@@ -21,10 +21,11 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("kernels", ("dka.kernels",)),
     ("layers", ("dka.layers",)),
     ("attribution", ("dka.attribution",)),
-    ("models", ("dka.models",)),
+    ("models", ("dka.models", "dka.conversion")),
     ("data", ("dka.data",)),
     ("train", ("dka.train",)),
-    ("analysis", ("dka.dissection", "dka.concepts", "dka.explain", "dka.metrics", "dka.stats", "dka.claims")),
+    ("analysis", ("dka.dissection", "dka.concepts", "dka.explain", "dka.metrics", "dka.stats", "dka.claims",
+                  "dka.comparison", "dka.evaluation", "dka.baselines", "dka.summaries", "dka.posthoc")),
     ("presentation", ("dka.results", "dka.plots", "dka.report")),
     ("application", ("dka.cli", "dka.experiments", "dka.profiles", "dka.pipeline", "dka.__main__")),
 ]

@@ -53,3 +53,33 @@ def test_cli_generates_scenes(tmp_path, capsys):
     assert str(tmp_path / "s") in capsys.readouterr().out
     with pytest.raises(SystemExit):
         data_main(["download", "mnist", "--root", str(tmp_path)])
+
+
+def test_md5_checksums_and_a_stale_part_file(tmp_path, monkeypatch):
+    archive = _broden_zip(tmp_path / "src.zip")
+    url = archive.as_uri()
+    md5 = hashlib.md5(archive.read_bytes()).hexdigest()
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "broden1_224.zip.part").write_bytes(b"left by a killed download")  # must not pass for the archive
+    monkeypatch.setitem(download.CHECKSUMS, url, download.Checksum("md5", md5, "test"))
+    assert (download.download_broden(root, url=url, progress=False) / "index.csv").is_file()
+    assert not list(root.glob("*.part"))
+    wrong = download.Checksum("md5", "0" * 32, "where the value was published")
+    with pytest.raises(download.ChecksumError, match="expected value: where the value was published"):
+        download.verify(archive, wrong)
+    assert download.verify(archive, None) == hashlib.sha256(archive.read_bytes()).hexdigest()
+    assert download.CHECKSUMS[download.BRODEN_URL].algorithm == "md5"  # the known value is recorded
+
+
+def test_offline_download_fails_in_one_line(tmp_path, monkeypatch, capsys):
+    # nothing listens on the discard port of the loopback address: the connection is refused, as offline
+    unreachable = "http://127.0.0.1:9/broden1_224.zip"
+    real = download.download_broden
+    monkeypatch.setattr(download, "download_broden",
+                        lambda root, **kw: real(root, url=unreachable, progress=False, **kw))
+    assert data_main(["download", "broden", "--root", str(tmp_path / "root")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert err.startswith("python -m dka data download broden: cannot download http://127.0.0.1:9/") and "refused" in err
+    assert not list((tmp_path / "root").glob("*"))  # nothing half-written left behind

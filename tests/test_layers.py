@@ -8,6 +8,28 @@ import dka._core as core
 from dka.layers import DynamicKConv2d, DynamicKLinear, dynamic_k_linear, routed_indices
 
 
+def _cpu_kernel_builds() -> bool:
+    from dka.kernels import cpu
+
+    try:
+        cpu.build_cpu_kernel()
+        return True
+    except cpu.CpuKernelUnavailable:
+        return False
+
+
+@pytest.fixture(autouse=True, params=["pytorch", "cpu-kernel"])
+def implementation(request, monkeypatch):
+    """Every test runs on the PyTorch path and on the fused CPU kernel (where it builds)."""
+    if request.param == "pytorch":
+        monkeypatch.setenv("DKA_DISABLE_CPU_KERNEL", "1")
+    elif not _cpu_kernel_builds():
+        pytest.skip("the CPU kernel cannot be built here (no C++ compiler)")
+    else:
+        monkeypatch.delenv("DKA_DISABLE_CPU_KERNEL", raising=False)
+    return request.param
+
+
 def direct(x, w, b, k):
     """The definition, written the obvious (memory-hungry) way."""
     y = (x[:, None, :] * w).topk(k, -1).values.sum(-1)
@@ -39,7 +61,9 @@ def test_forward_and_gradients_equal_direct_formula(batch, out, inp, k, with_bia
         torch.testing.assert_close(got, want)
 
 
-def test_chunking_does_not_change_results(monkeypatch):
+def test_chunking_does_not_change_results(monkeypatch, implementation):
+    if implementation != "pytorch":
+        pytest.skip("chunking belongs to the PyTorch path")
     x = torch.randn(37, 50, dtype=torch.float64, requires_grad=True)
     w = torch.randn(23, 50, dtype=torch.float64, requires_grad=True)
     k = 6
@@ -111,6 +135,24 @@ def test_ties_are_deterministic():
         assert torch.equal(x.grad, gx) and torch.equal(w.grad, gw)
     # Every sample's output routed through exactly 4 inputs: the gradients add up to that.
     assert gw.sum() == 5 * 3 * 4
+
+
+def test_ties_go_to_the_lowest_input_index():
+    """torch.topk breaks ties its own way; every path selects equal products lowest index first."""
+    g = torch.Generator().manual_seed(0)
+    cases = [
+        (torch.ones(5, 16), torch.ones(3, 16), 4),  # all equal: topk alone returns 9..12 here
+        (torch.randn(30, 128, generator=g).relu(), torch.randn(8, 128, generator=g), 32),  # ReLU zeros
+        (torch.randn(20, 20, generator=g).relu(), torch.randn(4, 20, generator=g), 12),
+        (torch.tensor([[0.0, -0.0, 1.0, -0.0, 0.0]]), torch.ones(1, 5), 3),  # -0.0 ties with +0.0
+        (torch.randn(16, 64, generator=g).relu().bfloat16(), (torch.randn(6, 64, generator=g) * 0.05).bfloat16(), 8),
+    ]
+    for x, w, k in cases:
+        p = x[:, None, :] * w
+        p = torch.where(p == 0, torch.zeros_like(p), p).float()
+        want = torch.sort(p, dim=-1, descending=True, stable=True).indices[..., :k].sort(-1).values
+        assert torch.equal(routed_indices(x, w, k).sort(-1).values, want)
+        assert torch.equal(core.select(x, w, k, want_indices=True)[1].long().sort(-1).values, want)
 
 
 def test_state_dict_round_trip_with_linear():

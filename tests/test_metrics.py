@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -54,3 +55,43 @@ def test_concept_truth_masks_are_the_class_concepts_pixels(smoke_root):
         assert torch.equal(item["mask"], expected)
         checked += int(expected.any())
     assert checked > 3  # the masks are not all empty
+
+
+class _Brightness(torch.nn.Module):
+    """A toy classifier: class 0's logit is the mean of the top-left quadrant, class 1's is 0."""
+
+    def __init__(self):
+        super().__init__()
+        self.dummy = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, x):
+        score = x[:, :, :2, :2].mean(dim=(1, 2, 3)) * 10
+        return torch.stack([score, torch.zeros_like(score)], dim=1) + self.dummy
+
+
+def test_deletion_removes_the_evidence_first_for_a_faithful_map():
+    images = torch.ones(1, 3, 4, 4)
+    good = torch.zeros(1, 4, 4)
+    good[:, :2, :2] = 1.0  # points at the quadrant the class reads
+    bad = 1.0 - good
+    model, target = _Brightness(), torch.tensor([0])
+    curve_good = metrics.deletion_curve(model, images, good, target)
+    curve_bad = metrics.deletion_curve(model, images, bad, target)
+    assert curve_good[0, 0] == curve_bad[0, 0] and curve_good[0, -1] == pytest.approx(0.5)
+    assert metrics.deletion_auc(curve_good)[0] < metrics.deletion_auc(curve_bad)[0]
+    with pytest.raises(ValueError, match="pixel_map"):
+        metrics.deletion_curve(model, images, good[:, :2], target)
+
+
+def test_score_explanations_over_a_split(smoke_root):
+    from dka.models import build
+
+    torch.manual_seed(0)
+    truth = metrics.ConceptTruth(smoke_root, split="test")
+    model = build("res18-d3a", len(truth.class_names), stem="cifar", width=4)
+    explain = lambda m, x, c: m.explain(x, c).pixel_map(tuple(x.shape[-2:]))  # noqa: E731
+    scores = metrics.score_explanations(model, truth, explain, batch_size=32, progress=False)
+    assert set(scores) == {"label", "predicted", "localisation", "pointing", "deletion_auc"}
+    assert all(len(v) == len(truth) for v in scores.values())
+    finite = scores["localisation"][~np.isnan(scores["localisation"])]
+    assert ((finite >= 0) & (finite <= 1)).all() and ((scores["deletion_auc"] >= 0) & (scores["deletion_auc"] <= 1)).all()

@@ -98,3 +98,17 @@ def test_training_step_with_bf16_autocast_and_channels_last():
     loss.backward()
     opt.step()
     assert torch.isfinite(loss)
+
+
+def test_dense_1x1_control_has_the_supplement_architecture_without_dynamic_k():
+    """res18-1x1-d5a differs from res18-d[8,8,5]a only in its internal 1x1 layers being dense."""
+    control = build("res18-1x1-d5a", 10, stem="cifar", width=16)
+    dynamic = build("res18-d[8,8,5]a", 10, stem="cifar", width=16)
+    for layer in ("layer3.0.conv1", "layer4.0.conv1"):
+        dense, dk = control.get_submodule(layer), dynamic.get_submodule(layer)
+        assert isinstance(dense, nn.Conv2d) and dense.kernel_size == (1, 1) and dense.stride == (dk.stride, dk.stride)
+        assert dense.weight.shape == dk.weight.shape
+    assert set(control.state_dict()) == set(dynamic.state_dict())
+    assert list(control.dynamic_layers()) == ["head"]
+    with pytest.raises(ValueError, match="dense 1x1"):
+        build("res50-1x1", 10)

@@ -46,6 +46,8 @@ def test_default_profile_is_demo_and_profiles_are_complete():
         for section, keys in SECTION_KEYS.items():
             missing = keys - set(PARAMS[profile][section])
             assert not missing, f"{profile}.{section} lacks {sorted(missing)}"
+        runtime = PARAMS[profile]["runtime"]
+        assert ("seed" in runtime) != ("seeds" in runtime), f"{profile}.runtime needs one of seed / seeds"
 
 
 def test_every_stage_runs_its_notebook_at_every_profile():
@@ -66,8 +68,9 @@ def test_every_stage_runs_its_notebook_at_every_profile():
         for out in outs:
             assert out.startswith(("results/${item}/", "runs/${item}/")), out
     assert pipeline.notebook_command("02_places_sweep", "demo")[1:] == [
-        "-m", "papermill", "--cwd", "notebooks", "notebooks/02_places_sweep.ipynb",
+        "-m", "papermill", "--log-output", "--cwd", "notebooks", "notebooks/02_places_sweep.ipynb",
         "results/demo/02_places_sweep/02_places_sweep.ipynb", "-p", "profile", "demo"]
+    assert pipeline.NOTEBOOK_ENV == {"DKA_WIDGETS": "0"}  # recorded notebooks carry no dead slider widgets
 
 
 def test_params_yaml_passes_its_own_check():
@@ -91,9 +94,22 @@ def test_downstream_stages_depend_on_the_outputs_they_read():
     for name, stage in STAGES.items():
         for dep in stage["do"]["deps"]:
             if dep.startswith(("runs/", "results/")):
-                assert any(dep in o for o in outs.values()), f"{name} depends on {dep}, which no stage writes"
-    assert "runs/${item}/02_places_sweep" in STAGES["03_dissect"]["do"]["deps"]
+                assert any(dep == o or dep.startswith(o + "/") for written in outs.values() for o in written), \
+                    f"{name} depends on {dep}, which no stage writes"
+    # 03/04 read 02's checkpoints; they depend on its manifest, which a fresh clone has (`dvc repro --dry`)
+    for name in ("03_dissect", "04_instance_explain"):
+        assert "results/${item}/02_places_sweep/checkpoints.json" in STAGES[name]["do"]["deps"]
+        assert not [d for d in STAGES[name]["do"]["deps"] if d.startswith("runs/")]
     assert "results/${item}/03_dissect" in STAGES["04_instance_explain"]["do"]["deps"]
+
+
+def test_metrics_and_plots_are_declared_for_dvc():
+    assert DVC["metrics"] == [f"results/${{profile}}/{name}/metrics.json" for name in STAGES]
+    for plot in DVC["plots"]:
+        path = Path(plot if isinstance(plot, str) else next(iter(plot)))
+        assert path.parts[:2] == ("results", "${profile}") and path.parts[2] in STAGES and path.suffix == ".png"
+        source = (ROOT / "notebooks" / f"{path.parts[2]}.ipynb").read_text()
+        assert path.name in source or path.name.startswith("fig6_graph_"), f"no notebook writes {path}"
 
 
 @pytest.mark.parametrize("profile", PROFILES)

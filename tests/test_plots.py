@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import matplotlib
 
@@ -10,6 +11,7 @@ matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+import torch  # noqa: E402
 import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 from PIL import Image  # noqa: E402
@@ -123,12 +125,27 @@ def test_sparsity_curves_name_the_measure():
         plots.sparsity_curves(frame, measure="l0")
 
 
+def test_weight_heatmaps_share_one_colour_scale():
+    w = {"res18": np.full((4, 8), 0.5), "res18-d5a": np.full((4, 8), 0.01)}
+    fig = plots.weight_heatmaps(w)
+    limits = {ax.images[0].get_clim() for ax in fig.axes if ax.images}
+    assert len(limits) == 1  # a paler panel really holds smaller weights
+    separate = plots.weight_heatmaps(w, shared_scale=False)
+    assert len({ax.images[0].get_clim() for ax in separate.axes if ax.images}) == 2
+
+
+def test_model_colours_do_not_depend_on_the_figure():
+    assert plots.model_palette(["res18", "res18-d5a"])["res18-d5a"] == plots.model_palette(["res18-d5a"])["res18-d5a"]
+    assert plots.model_color("res18-d1a") != plots.model_color("res18-d100a")
+
+
 def test_paper_comparison_bars_prints_both_values():
     fig = plots.paper_comparison_bars({"res18": 80.0, "res18-d5a": 81.5, "res18-d7a": 79.0},
                                       {"res18": 53.69, "res18-d5a": 53.60}, title="Table 1")
     texts = _texts(fig)
     assert "81.5" in texts and "53.7" in texts and "53.6" in texts
     assert "this run" in texts and "paper" in texts and "res18-d7a" in texts
+    assert len([ax for ax in fig.axes if ax.patches]) == 2  # ours and the paper's never share an axis
 
 
 def test_sweep_dashboard_shows_both_sparsities():
@@ -150,12 +167,28 @@ def test_widget_frontend_is_off_outside_a_kernel(monkeypatch):
     assert progress.widget_frontend_available() is True
 
 
+def _markdown_rows(md: str) -> list[list[str]]:
+    """The cells of a pipe table (alignment row dropped, escaped pipes kept inside their cell)."""
+    lines = [line for line in md.strip().splitlines() if not set(line) <= set("|:- ")]
+    return [[cell.strip() for cell in re.split(r"(?<!\\)\|", line)[1:-1]] for line in lines]
+
+
+def test_markdown_tables_format_columns_and_escape_pipes():
+    df = pd.DataFrame({"model": ["a|b", "c"], "|w| < 1e-3 (%)": [1.234, np.nan], "epochs": [3, 4]})
+    md = results.markdown_table(df, floatfmt={"|w| < 1e-3 (%)": ".1f"})
+    assert _markdown_rows(md) == [["model", "\\|w\\| < 1e-3 (%)", "epochs"], ["a\\|b", "1.2", "3"], ["c", "–", "4"]]
+    assert md.splitlines()[1].replace(" ", "").startswith("|:-") and md.splitlines()[1].rstrip().endswith(":|")
+    assert _markdown_rows(results.markdown_table(df.set_index("model"), index=True))[0][0] == "model"
+
+
 def test_tables_and_json_are_written(tmp_path):
     df = pd.DataFrame({"model": ["res18", "res18-d5a"], "top1": [80.123, np.nan], "paper": [95.10, 95.12]})
     csv_path, md_path = results.save_table(df, tmp_path / "table1", title="Table 1")
     assert pd.read_csv(csv_path).shape == (2, 3)
     md = md_path.read_text()
-    assert "**Table 1**" in md and "| res18 | 80.12 | 95.10 |" in md and "| res18-d5a | – | 95.12 |" in md
+    assert md.startswith("**Table 1**\n\n")
+    rows = _markdown_rows(md.split("\n\n", 1)[1])
+    assert rows == [["model", "top1", "paper"], ["res18", "80.12", "95.10"], ["res18-d5a", "–", "95.12"]]
     path = results.save_json({"top1": np.float32(0.5), "n": np.int64(3)}, tmp_path / "m.json")
     assert json.loads(path.read_text()) == {"n": 3, "top1": 0.5}
 
@@ -195,3 +228,35 @@ def test_save_json_writes_strict_json(tmp_path):
     text = path.read_text()
     assert "NaN" not in text and "Infinity" not in text
     assert _json.loads(text) == {"a": None, "b": 0.5, "c": [3, None], "d": [0, 1]}
+
+
+def test_method_panels_and_maps_show_absence_and_truth():
+    import pandas as pd
+
+    from dka import summaries
+
+    scores = pd.DataFrame({"method": ["res18", "res18", "coda-s", "coda-s"], "seed": [0, 1, 0, 1],
+                           "localisation": [0.4, 0.5, 0.7, 0.8], "recovery precision": [0.3, 0.5, np.nan, np.nan]})
+    table = summaries.method_table(scores)
+    assert list(table["method"]) == ["res18", "coda-s"]
+    assert table.loc[0, "localisation"] == "0.450 ± 0.071" and table.loc[1, "recovery precision"] == "–"
+    fig = plots.metric_panels(scores, ["localisation", "recovery precision"])
+    assert "n/a" in _texts(fig)
+    images = torch.randn(2, 3, 8, 8)
+    masks = torch.zeros(2, 8, 8, dtype=torch.bool)
+    masks[:, 2:5, 2:5] = True
+    fig = plots.method_maps(images, masks, {"a": torch.rand(2, 8, 8), "b": torch.rand(2, 8, 8)}, ["x", "y"])
+    assert [ax.get_title() for ax in fig.axes[:4]] == ["image", "true concepts", "a", "b"]
+
+
+def test_localisation_bars_show_every_method_model_and_the_chance_level():
+    table = pd.DataFrame({"model": ["res18-d5a", "res18-d5a", "res18", "res18"],
+                          "method": ["dka", "integrated_gradients"] * 2, "share": [0.5, 0.6, 0.48, np.nan],
+                          "share_sd": [0.2, 0.25, 0.3, np.nan], "mask_area": [0.4, 0.4, 0.42, 0.42]})
+    fig = plots.localisation_bars(table, title="where")
+    texts = _texts(fig)
+    assert "res18-d5a" in texts and "res18" in texts and "mask area (41 %): chance" in texts
+    assert any("Integrated Gradients" in t for t in texts) and any("built-in" in t for t in texts)
+    bars = [p for p in fig.axes[0].patches]
+    assert sorted(round(b.get_height(), 1) for b in bars if not np.isnan(b.get_height())) == [48.0, 50.0, 60.0]
+    assert "60" in [t.get_text() for t in fig.axes[0].texts]

@@ -159,3 +159,33 @@ def test_a_params_typo_stops_the_stage_before_its_results_are_touched(tmp_path):
 def test_profiles_module_lists_what_the_notebooks_read():
     assert set(profiles.SECTIONS) == {"runtime", "cifar", "places", "dissect", "explain", "internal"}
     assert "lr" not in profiles.RUNTIME_FIELDS and "seed" in profiles.RUNTIME_FIELDS
+
+
+def test_runtime_takes_exactly_one_of_seed_and_seeds(tmp_path):
+    def edit(p):
+        assert p["cifar-cpu"]["runtime"]["seeds"] == [0, 1, 2]   # one run per seed: valid as it is
+        p["demo"]["runtime"]["seeds"] = [0, 1]                   # both seed and seeds
+        del p["smoke"]["runtime"]["seed"]                        # neither
+        p["paper"]["runtime"]["seeds"] = [0, "1e0"]
+        del p["paper"]["runtime"]["seed"]
+    with pytest.raises(ParamsError) as info:
+        check_params(_edited(tmp_path, edit))
+    text = str(info.value)
+    assert "demo.runtime: set exactly one of `seed: 0`" in text and "smoke.runtime: set exactly one" in text
+    assert "paper.runtime.seeds: expected a non-empty list of integer seeds" in text
+    assert "cifar-cpu" not in text
+
+
+def test_the_profile_list_lives_in_dvc_yaml_and_must_match_the_sections(tmp_path):
+    shutil.copy(ROOT / "dvc.yaml", tmp_path / "dvc.yaml")
+    assert profiles.declared_profiles(tmp_path) == profiles.profile_names(yaml.safe_load(TEXT))
+    path = _params(tmp_path, TEXT + "\npaper-dryrun:\n" + TEXT.split("\npaper:\n", 1)[1])
+    with pytest.raises(ParamsError, match=r"paper-dryrun: no stages in dvc\.yaml; add `- paper-dryrun`"):
+        check_params(path)
+    dvc = (tmp_path / "dvc.yaml").read_text()
+    (tmp_path / "dvc.yaml").write_text(dvc.replace("      - paper\n", "      - paper\n      - paper-dryrun\n", 1))
+    assert check_params(path)[0]["paper-dryrun"]["runtime"]["device"] == "cuda"  # one line added: valid
+    assert pipeline.stage_names(tmp_path, "paper-dryrun")[0] == "01_cifar@paper-dryrun"
+    (tmp_path / "dvc.yaml").write_text(dvc.replace("      - smoke\n", "      - smoke\n      - smok\n", 1))
+    with pytest.raises(ParamsError, match="dvc.yaml lists profile 'smok' but .* has no `smok:` section"):
+        check_params(_params(tmp_path, TEXT))

@@ -9,6 +9,7 @@ The main entry points::
     model = dka.load_model("runs/res18-d5a/final.pt")  # a trained network
     tally = dka.dissect(model, "layer4", "data/broden1_224")   # Network Dissection -> tally DataFrame
     attr = dka.attribute(model, images)                # per-image unit contributions
+    dka.convert(torchvision_model, k=5)                # any classifier's final nn.Linear made Dynamic-K
 
 The package is layered (ARCHITECTURE.md): `_core` < `kernels` < `layers` < `attribution` < `models` <
 `data` < `train` < analysis (`dissect`, `concepts`, `explain`) < presentation (`results`, `plots`,
@@ -23,7 +24,7 @@ __version__ = "0.1.0"
 _ENTRY_POINTS = {
     "build": "dka.models", "list_models": "dka.models", "load_model": "dka.models",
     "DynamicKLinear": "dka.layers", "DynamicKConv2d": "dka.layers", "dynamic_k_linear": "dka.layers",
-    "dissect": "dka.dissection", "attribute": "dka.explain",
+    "dissect": "dka.dissection", "attribute": "dka.explain", "convert": "dka.conversion",
 }
 __all__ = [*_ENTRY_POINTS, "__version__"]
 

@@ -7,6 +7,14 @@ For an input row x and weight W, output c is
 with signed products taken largest first, as in the authors' Algorithm 2. Only the K selected (c, i)
 pairs of each sample carry gradient.
 
+Ties: among equal products the lower input index is selected first (-0.0 equals +0.0), on every
+path: this module, the CPU kernel and the Triton kernel. `torch.topk` follows no rule of its own
+here: on CPU it picks among equal values by std::partial_sort's heap order (K * 64 <= in) or by
+std::nth_element (otherwise), e.g. 32 of 128 equal products come back as indices 65..96. So
+`select` re-picks the indices wherever equal products straddle the K-th place (post-ReLU zeros
+with K above the positive products; equal bf16-rounded products). Among NaN products (the output
+is NaN either way) the pick is left to topk.
+
 Why a custom autograd function: written directly, `(x[:, None, :] * W).topk(k).values.sum(-1)` keeps
 the whole (batch, out, in) product tensor alive for backward and its backward builds another one of
 the same size. Here the forward walks through the products in bounded chunks and keeps only the
@@ -90,8 +98,22 @@ def select(x: Tensor, weight: Tensor, k: int, want_indices: bool) -> tuple[Tenso
             values, idx = products.topk(k, dim=-1, sorted=False)
             sums[rows, outs] = values.sum(-1, dtype=acc)
             if indices is not None:
-                indices[rows, outs] = idx.to(indices.dtype)
+                indices[rows, outs] = _lowest_index_ties(products, values, idx, k).to(indices.dtype)
     return sums, indices
+
+
+def _lowest_index_ties(products: Tensor, values: Tensor, idx: Tensor, k: int) -> Tensor:
+    """topk's indices, re-picked lowest index first where equal products straddle the K-th place."""
+    kth = values.amin(-1, keepdim=True)
+    straddle = (products == kth).sum(-1) > (values == kth).sum(-1)
+    if not straddle.any():
+        return idx
+    p, t = products[straddle], kth[straddle]
+    above, tied = p > t, p == t
+    take = above | (tied & (tied.cumsum(-1) <= k - above.sum(-1, keepdim=True)))
+    idx = idx.clone()
+    idx[straddle] = take.nonzero()[:, 1].view(-1, k)  # exactly k per row, in input order
+    return idx
 
 
 class DynamicKFunction(torch.autograd.Function):

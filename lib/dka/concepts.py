@@ -11,6 +11,10 @@ Definitions (used by the notebooks verbatim):
   against a class; they are not part of its composition.
 - *Covering units* of class c at share s (default 0.8): the fewest units, taken by decreasing
   positive weight, whose weights sum to at least s x the positive weight mass (ties: lower unit first).
+  The authors' rule (their released `demo.py` lists, per class, the units with W[c,i] > 1e-3) is the
+  alternative ``rule="threshold"``. Give a Dynamic-K head's routed weights
+  (`dka.evaluation.routed_weight`) so that weights which never route, and keep their initial values in a
+  short run, do not count.
 - *Concepts of class c*: the distinct tally labels of its covering units whose IoU >= 0.04 (the
   interpretable units), plus one concept per covering unit with IoU < 0.04 (an uninterpretable unit
   is a concept of its own that no label names — counting it keeps the statistic honest for heads
@@ -34,10 +38,11 @@ from torch import nn
 
 from dka.dissection import INTERPRETABLE_IOU, unit_labels
 
-__all__ = ["DEFAULT_SHARE", "head_weight", "covering_units", "class_units", "class_concepts", "share_within",
-           "read_class_concepts", "concept_recovery", "recovery_summary"]
+__all__ = ["DEFAULT_SHARE", "AUTHORS_WEIGHT_THRESHOLD", "head_weight", "covering_units", "class_units",
+           "class_concepts", "share_within", "read_class_concepts", "concept_recovery", "recovery_summary"]
 
 DEFAULT_SHARE = 0.8
+AUTHORS_WEIGHT_THRESHOLD = 1e-3
 
 
 def head_weight(model_or_weight) -> np.ndarray:
@@ -97,13 +102,26 @@ def class_concepts(
     class_names: Sequence[str] | None = None,
     share: float = DEFAULT_SHARE,
     iou_threshold: float = INTERPRETABLE_IOU,
+    rule: str = "share",
+    weight_threshold: float = AUTHORS_WEIGHT_THRESHOLD,
 ) -> pd.DataFrame:
-    """Per class: covering units, its concepts and their number (definitions in the module docstring)."""
+    """Per class: its units, its concepts and their number (definitions in the module docstring).
+
+    Args:
+        rule: "share" (the fewest units holding `share` of the positive weight) or "threshold" (the
+            authors' rule: every unit with a weight above `weight_threshold`).
+    """
+    if rule not in ("share", "threshold"):
+        raise ValueError(f"rule must be 'share' or 'threshold'; got {rule!r}")
     w = head_weight(model_or_weight)
     units = unit_labels(tally, w.shape[1])
     rows = []
     for c in range(w.shape[0]):
-        cover = covering_units(w[c], share)
+        if rule == "share":
+            cover = covering_units(w[c], share)
+        else:
+            above = np.flatnonzero(w[c] > weight_threshold)
+            cover = above[np.argsort(-w[c][above], kind="stable")]
         info = units.loc[cover + 1]
         good = info[info["score"] >= iou_threshold]
         concepts = tuple(sorted(set(good["label"])))

@@ -5,17 +5,22 @@ library code under test:
 
 - `setup(profile, stage, section)` finds the project root, reads the profile's settings and returns a
   `Stage` (settings, results folder, runs folder);
-- `train_models(stage, bundle)` trains every model of the section with its recipe (`train:` =
-  `dka.train.TrainConfig` fields, optional per-model `overrides`) under the profile's `runtime`;
+- `train_models(stage, bundle)` trains every run of the section (`models:`, see `RunSpec`) with its recipe
+  (`train:` = `dka.train.TrainConfig` fields, optional per-run `overrides`) under the profile's `runtime`,
+  once per seed (`runtime.seeds`);
   finished runs are reused and interrupted ones resume; with `runtime.nproc_per_node > 1` each model
   trains under torchrun (DDP) in child processes and the finished run is then read back;
 - `checkpoints(run_dir)` lists a run's per-epoch checkpoints by the epoch their payload records;
 - `shared_data()` finds the optional ../shared/data folder of real files;
-- `k_slider(...)` / `interactive_figure(...)` show a figure, static when headless, with widgets in Jupyter.
+- `require_runs(stage, source, ...)` checks that another notebook's runs exist, or says which command
+  makes them and how long it took when last recorded (`setup` says the same of a notebook's own runs);
+- `k_slider(...)` / `interactive_figure(...)` show a figure with controls that redraw it in place
+  (`SliderView`) in any kernel with ipywidgets; the default view alone elsewhere.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -28,10 +33,12 @@ import yaml
 
 from dka import plots, train
 from dka.checkpoint import load_checkpoint
-from dka.progress import widget_frontend_available
+from dka.progress import widgets_available
 
-__all__ = ["Stage", "setup", "project_root", "train_models", "torchrun_argv", "final_sparsity", "checkpoints",
-           "shared_data", "interactive_figure", "k_slider"]
+__all__ = ["Stage", "setup", "project_root", "RunSpec", "run_specs", "seeds_of", "train_models", "torchrun_argv",
+           "final_sparsity", "final_payloads", "evaluate_runs", "dataset_label", "checkpoints", "checkpoint_manifest",
+           "shared_data", "recorded_duration", "missing_runs", "require_runs", "interactive_figure", "k_slider",
+           "SliderView"]
 
 
 @dataclass(frozen=True)
@@ -47,6 +54,7 @@ class Stage:
         runtime: the profile's `runtime` settings (device, workers, amp, seed, ...).
         out: `results/<profile>/<stage>/` — figures, tables, metrics (kept in git).
         runs: `runs/<profile>/<stage>/` — checkpoints (DVC cache, ignored by git).
+        section: the key of the profile `config` is (e.g. "cifar").
     """
 
     profile: str
@@ -57,6 +65,7 @@ class Stage:
     runtime: dict
     out: Path
     runs: Path
+    section: str = ""
 
     def path(self, relative: str | os.PathLike) -> Path:
         """A path of params.yaml (relative to the project root) made absolute."""
@@ -96,8 +105,13 @@ def setup(profile: str, stage: str, section: str, params_file: str = "params.yam
     out.mkdir(parents=True, exist_ok=True)
     plots.use_style()
     print(f"profile {profile}: results -> {out.relative_to(root)}")
-    return Stage(profile=profile, name=stage, root=root, params=params[profile], config=params[profile][section],
-                 runtime=params[profile]["runtime"], out=out, runs=root / "runs" / profile / stage)
+    result = Stage(profile=profile, name=stage, root=root, params=params[profile], config=params[profile][section],
+                   runtime=params[profile]["runtime"], out=out, runs=root / "runs" / profile / stage,
+                   section=section)
+    note = _training_note(result)
+    if note:
+        print(note)
+    return result
 
 
 def torchrun_argv(config: train.TrainConfig, nproc: int) -> list[str]:
@@ -106,14 +120,52 @@ def torchrun_argv(config: train.TrainConfig, nproc: int) -> list[str]:
             *train.config_to_argv(config)]
 
 
+@dataclass(frozen=True)
+class RunSpec:
+    """One entry of a section's `models`: the run's name, its registry model, its recipe changes.
+
+    An entry is a registry name (run name = model name) or a mapping ``{run: NAME, model: REGISTRY NAME,
+    <TrainConfig fields>...}``, e.g. ``{run: res18-l1-x4, model: res18-l1, l1: 8.0e-3}`` for a λ sweep.
+    """
+
+    name: str
+    model: str
+    overrides: dict
+
+
+def run_specs(section: Mapping[str, Any]) -> list[RunSpec]:
+    """The section's runs in order, with `overrides[<run>]` merged into each entry's own settings."""
+    specs, seen = [], set()
+    for entry in section["models"]:
+        if isinstance(entry, str):
+            name, model, own = entry, entry, {}
+        elif isinstance(entry, Mapping) and "run" in entry and "model" in entry:
+            own = {k: v for k, v in entry.items() if k not in ("run", "model")}
+            name, model = str(entry["run"]), str(entry["model"])
+        else:
+            raise ValueError(f"a `models` entry must be a model name or {{run: NAME, model: NAME, ...}}; got {entry!r}")
+        if name in seen:
+            raise ValueError(f"run {name!r} appears twice in `models`; give each entry its own `run` name")
+        seen.add(name)
+        specs.append(RunSpec(name, model, {**own, **section.get("overrides", {}).get(name, {})}))
+    return specs
+
+
+def seeds_of(runtime: Mapping[str, Any]) -> list[int]:
+    """The seeds every run of the profile trains with: `runtime.seeds`, or `[runtime.seed]`."""
+    seeds = runtime.get("seeds")
+    return [int(s) for s in seeds] if seeds else [int(runtime["seed"])]
+
+
 def train_models(section: Mapping[str, Any] | Stage, runtime: Mapping[str, Any] | None = None,
                  runs_dir: str | Path | None = None, root: str | Path | None = None,
-                 bundle=None) -> dict[str, train.RunResult]:
-    """Train every model of a params.yaml section in order; returns model name -> RunResult.
+                 bundle=None) -> dict[str, list[train.RunResult]]:
+    """Train every run of a params.yaml section for every seed; returns run name -> [RunResult per seed].
 
     Call it as ``train_models(stage, bundle)`` from a notebook, or with the section's pieces
-    (``section, runtime, runs_dir, root``). `runs_dir/<model>/` holds each run; `root` is the folder
-    `section["root"]` is relative to; `bundle` (a dka.data.DataBundle) is shared by all models.
+    (``section, runtime, runs_dir, root``). `runs_dir/<run>/seed<k>/` holds each run; `root` is the folder
+    `section["root"]` is relative to; `bundle` (a dka.data.DataBundle) is shared by all runs. Finished
+    runs are reused and interrupted ones resume.
     """
     if isinstance(section, Stage):
         stage, bundle = section, runtime if bundle is None else bundle
@@ -122,17 +174,52 @@ def train_models(section: Mapping[str, Any] | Stage, runtime: Mapping[str, Any] 
     if runtime.get("fresh_runs") and runs_dir.exists():
         shutil.rmtree(runs_dir)
     nproc = int(runtime.get("nproc_per_node", 1))
-    results = {}
-    for name in section["models"]:
-        fields = {**section["train"], **section.get("overrides", {}).get(name, {})}
-        config = train.TrainConfig(
-            model=name, data=section["dataset"], data_root=str(Path(root) / section["root"]),
-            out=str(runs_dir / name), device=runtime["device"], workers=runtime["workers"],
-            amp=runtime["amp"], seed=runtime["seed"], **fields)
-        if nproc > 1:
-            subprocess.run(torchrun_argv(config, nproc), check=True)
-        results[name] = train.run(config, bundle=bundle)
+    results: dict[str, list[train.RunResult]] = {}
+    for spec in run_specs(section):
+        results[spec.name] = []
+        for seed in seeds_of(runtime):
+            config = train.TrainConfig(
+                model=spec.model, data=section["dataset"], data_root=str(Path(root) / section["root"]),
+                out=str(runs_dir / spec.name / f"seed{seed}"), device=runtime["device"], workers=runtime["workers"],
+                amp=runtime["amp"], seed=seed, **{**section["train"], **spec.overrides})
+            if nproc > 1:
+                subprocess.run(torchrun_argv(config, nproc), check=True)
+            results[spec.name].append(train.run(config, bundle=bundle))
     return results
+
+
+def final_payloads(results: Mapping[str, Sequence[train.RunResult]]) -> dict[str, list[dict]]:
+    """{run: [its final.pt payload per seed]} (weights, config, the last epoch's routing masks)."""
+    return {run: [load_checkpoint(r.final_path) for r in runs] for run, runs in results.items()}
+
+
+def evaluate_runs(results: Mapping[str, Sequence[train.RunResult]], loader, device: str = "cpu"):
+    """{run: [`dka.evaluation.Collected` per seed]}: one pass of each final model over `loader`'s images."""
+    from dka.evaluation import collect
+    from dka.models import load_model
+
+    out = {}
+    for run, runs in results.items():
+        out[run] = []
+        for r in runs:
+            config = load_checkpoint(r.final_path)["config"]
+            out[run].append(collect(load_model(r.final_path, map_location=device), loader, device,
+                                    amp=bool(config["amp"]), channels_last=bool(config["channels_last"])))
+    return out
+
+
+def dataset_label(section: Mapping[str, Any], stage: Stage) -> str:
+    """How figures and tables name a section's data: real data by name (the CIFAR-10 JPEG copy says so),
+    concept scenes as the stand-in they are."""
+    name = section["dataset"]
+    if name == "cifar10":
+        from dka.data import cifar
+
+        return "CIFAR-10 (JPEG copy)" if cifar.detect_format(stage.path(section["root"])) == "folder" else "CIFAR-10"
+    stands_in = {"scenes-demo32": "CIFAR-10", "scenes-demo64": "Places365", "scenes-smoke": "a smoke test"}
+    if name in stands_in:
+        return f"{name} (concept scenes, stand-in for {stands_in[name]})"
+    return {"places365": "Places365"}.get(name, name)
 
 
 def final_sparsity(result: train.RunResult) -> dict[str, float]:
@@ -150,15 +237,142 @@ def checkpoints(run_dir: str | Path) -> dict[int, Path]:
     return dict(sorted(found.items()))
 
 
+def checkpoint_manifest(runs_dir: str | Path) -> dict[str, dict[str, str]]:
+    """run -> {checkpoint file relative to the run, e.g. `seed0/final.pt`: sha256} of every `.pt` file.
+
+    02 writes it next to its results (committed) and 03/04 depend on it in dvc.yaml: it changes exactly
+    when a checkpoint does, and a fresh clone has it where it has no runs/.
+    """
+    from dka.data.download import file_digest
+
+    runs_dir = Path(runs_dir)
+    return {run.name: {p.relative_to(run).as_posix(): file_digest(p) for p in sorted(run.rglob("*.pt"))}
+            for run in sorted(runs_dir.iterdir()) if run.is_dir()} if runs_dir.is_dir() else {}
+
+
 def shared_data() -> Path | None:
     """The optional folder of real data beside the project (``$DKA_SHARED_DATA`` or ../shared/data)."""
     path = Path(os.environ.get("DKA_SHARED_DATA") or project_root().parent / "shared" / "data")
     return path if path.is_dir() else None
 
 
+def recorded_duration(root: str | Path, profile: str, stage: str) -> float | None:
+    """Seconds the recorded execution of a stage took (papermill's metadata of its executed notebook)."""
+    path = Path(root) / "results" / profile / stage / f"{stage}.ipynb"
+    try:
+        return float(json.loads(path.read_text())["metadata"]["papermill"]["duration"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _about(seconds: float | None, profile: str) -> str:
+    if seconds is None:
+        return f"no recorded run of the {profile} profile to time it by"
+    amount = f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
+    return f"about {amount} at the {profile} profile when last recorded"
+
+
+def missing_runs(runs_dir: str | Path, runs: Sequence[str], seeds: Sequence[int]) -> list[str]:
+    """The runs without a finished run for every seed (`<runs_dir>/<run>/seed<k>/final.pt`)."""
+    return [r for r in runs if not all((Path(runs_dir) / r / f"seed{s}" / "final.pt").is_file() for s in seeds)]
+
+
+def _training_note(stage: Stage) -> str | None:
+    """What a first execution of a training notebook will do and how long it takes; None when nothing."""
+    if not isinstance(stage.config, Mapping) or not stage.config.get("models") or "train" not in stage.config \
+            or stage.runtime.get("fresh_runs"):
+        return None
+    models = [spec.name for spec in run_specs(stage.config)]
+    missing = missing_runs(stage.runs, models, seeds_of(stage.runtime))
+    if not missing:
+        return None
+    took = _about(recorded_duration(stage.root, stage.profile, stage.name), stage.profile)
+    return (f"{len(missing)} of {len(models)} models have no finished run under "
+            f"{stage.runs.relative_to(stage.root)} ({', '.join(missing)}): running this notebook trains them "
+            f"({took}; finished runs are reused). In a terminal, `dvc repro {stage.name}@{stage.profile}` trains "
+            f"and records them; profile = \"smoke\" runs in seconds, with untrained models.")
+
+
+def require_runs(stage: Stage, source: str, source_section: str, models: Sequence[str]) -> Path:
+    """`runs/<profile>/<source>/`, after checking that every model in `models` finished there.
+
+    Raises FileNotFoundError naming the command that trains the missing runs and how long it took when
+    last recorded, or the settings to fix when a model is not trained by `source` at all.
+    """
+    folder = stage.runs_of(source)
+    missing = missing_runs(folder, models, seeds_of(stage.runtime))
+    if not missing:
+        return folder
+    section = stage.params.get(source_section, {})
+    trained = [spec.name for spec in run_specs(section)] if section.get("models") else []
+    foreign = [m for m in missing if m not in trained]
+    if foreign:
+        raise FileNotFoundError(f"{stage.name} reads {foreign}, which {source} does not train: list in "
+                                f"{stage.profile}.{stage.section or '<section>'} only models of "
+                                f"{stage.profile}.{source_section}.models ({trained})")
+    took = _about(recorded_duration(stage.root, stage.profile, source), stage.profile)
+    raise FileNotFoundError(
+        f"{missing} have no finished run under {folder.relative_to(stage.root)}: run {source} first — "
+        f"`dvc repro {source}@{stage.profile}` ({took}), or execute notebooks/{source}.ipynb with "
+        f"profile = {stage.profile!r}")
+
+
+class SliderView:
+    """A figure redrawn in place by widget controls: what `interactive_figure` shows in a kernel.
+
+    The figure is one display output that every change of a control replaces (`update_display_data`,
+    which JupyterLab, Notebook, VS Code and Colab all honour): one drawing per change, nothing left above
+    or below it. `redraw()` is the controls' callback, callable directly (tests, scripts).
+
+    Attributes:
+        controls: control name -> its ipywidgets control (`.value` is the current choice).
+        box: the row of controls that was displayed.
+        handle: the IPython display handle of the figure.
+        redraws: how many times the figure was redrawn since it was shown.
+    """
+
+    def __init__(self, draw: Callable[..., Any], controls: Mapping[str, Any], box: Any, handle: Any):
+        self.draw, self.controls, self.box, self.handle = draw, dict(controls), box, handle
+        self.redraws = 0
+        for control in self.controls.values():
+            control.observe(self.redraw, names="value")
+
+    def choice(self) -> dict[str, Any]:
+        """The controls' current values, as keyword arguments of `draw`."""
+        return {name: control.value for name, control in self.controls.items()}
+
+    def redraw(self, change: Any = None):
+        """Draw the current choice and replace the displayed figure with it; returns the new figure."""
+        import matplotlib.pyplot as plt
+        from IPython.display import Markdown
+
+        try:
+            fig = self.draw(**self.choice())
+        except Exception as err:
+            self.handle.update(Markdown(f"**Could not draw {self.choice()}:** `{type(err).__name__}: {err}`"))
+            raise
+        self.handle.update(fig)
+        plt.close(fig)  # or the inline backend shows it a second time
+        self.redraws += 1
+        return fig
+
+
+def _control(widgets, name: str, choices: Sequence, value: Any, slider: bool):
+    common = {"options": list(choices), "value": value, "description": name.replace("_", " "),
+              # "initial": the label takes the width it needs instead of being cut at ~80 px
+              "style": {"description_width": "initial"}}
+    if slider:
+        # redraw once on release: a drag over several values would otherwise queue one slow redraw per value
+        return widgets.SelectionSlider(continuous_update=False, layout=widgets.Layout(width="360px"), **common)
+    return widgets.Dropdown(layout=widgets.Layout(width="max-content"), **common)
+
+
 def interactive_figure(draw: Callable[..., Any], options: Mapping[str, Sequence], defaults: Mapping[str, Any],
-                       sliders: Sequence[str] = (), save_to: str | Path | None = None):
-    """A figure redrawn from widgets: static where no widget frontend renders them (papermill, nbval).
+                       sliders: Sequence[str] = (), save_to: str | Path | None = None) -> SliderView | None:
+    """Show ``draw(**defaults)``, with controls that redraw it in place where widgets can run.
+
+    Controls appear whenever the code runs in a kernel with ipywidgets (`dka.progress.widgets_available`);
+    elsewhere, and under DKA_WIDGETS=0 (the pipeline's recorded notebooks), the default view is shown alone.
 
     Args:
         draw: ``draw(**choice) -> Figure`` for one choice of every control.
@@ -166,32 +380,39 @@ def interactive_figure(draw: Callable[..., Any], options: Mapping[str, Sequence]
         defaults: control name -> the value drawn first (and saved to `save_to`).
         sliders: controls shown as a slider (the others as drop-downs).
         save_to: where the default view is saved as PNG.
+
+    Returns:
+        The `SliderView` (None when no widgets were created).
     """
     import matplotlib.pyplot as plt
+    from IPython.display import DisplayHandle, display
 
     from dka.results import save_figure
 
+    missing = [name for name in options if name not in defaults]
+    if missing:
+        raise ValueError(f"no default value for the controls {missing}; give one in `defaults`")
     fig = draw(**defaults)
     if save_to is not None:
         save_figure(fig, save_to)
-    plt.show()
-    if not widget_frontend_available():
+    if not widgets_available():
+        display(fig)
+        plt.close(fig)
         return None
     import ipywidgets as widgets
 
-    def redraw(**choice):
-        draw(**choice)
-        plt.show()
-
-    controls = {}
-    for name, choices in options.items():
-        kind = widgets.SelectionSlider if name in sliders else widgets.Dropdown
-        controls[name] = kind(options=list(choices), value=defaults[name], description=name.replace("_", " "))
-    return widgets.interact(redraw, **controls)
+    controls = {name: _control(widgets, name, choices, defaults[name], name in sliders)
+                for name, choices in options.items()}
+    box = widgets.HBox(list(controls.values()), layout=widgets.Layout(flex_flow="row wrap"))
+    display(box)
+    handle = DisplayHandle()  # a handle of our own: `display(..., display_id=True)` returns None outside IPython
+    handle.display(fig)
+    plt.close(fig)
+    return SliderView(draw, controls, box, handle)
 
 
 def k_slider(draw: Callable[..., Any], ks: Sequence[int], k_default: int, compare: Sequence[str],
-             compare_default: str, save_to: str | Path | None = None):
+             compare_default: str, save_to: str | Path | None = None) -> SliderView | None:
     """The K-sweep view: ``draw(K, compare_with) -> Figure`` with a K slider and a model chooser."""
     return interactive_figure(draw, {"K": sorted(ks), "compare_with": list(compare)},
                               {"K": k_default, "compare_with": compare_default}, sliders=("K",), save_to=save_to)

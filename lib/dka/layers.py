@@ -11,7 +11,9 @@ routing-like behaviour that makes the paper's final layers sparse and concept-al
 The operation and its memory-lean autograd function live in `dka._core`; this module holds the
 modules (`DynamicKLinear`, `DynamicKConv2d`), the functional form, and the choice of implementation:
 on CUDA, when Triton is available, `dka.kernels` supplies a fused kernel for the same function (set
-DKA_DISABLE_TRITON=1 to force the PyTorch path).
+DKA_DISABLE_TRITON=1 to force the PyTorch path); on CPU, `dka.kernels.cpu` supplies a fused C++
+kernel, built at first use (set DKA_DISABLE_CPU_KERNEL=1 to force the PyTorch path). All paths
+select the same products, ties included (see `dka._core`).
 """
 
 from __future__ import annotations
@@ -65,9 +67,21 @@ def dynamic_k_linear(x: Tensor, weight: Tensor, bias: Tensor | None, k: int,
     return _dispatch(x, weight, bias, k, routing_mask)
 
 
+def _cpu_kernel_for(x: Tensor):
+    """The fused CPU kernel's module when it applies to this tensor, else None."""
+    if x.device.type != "cpu":
+        return None
+    from dka.kernels import cpu
+
+    return cpu if cpu.cpu_kernel_available(x) else None
+
+
 def _dispatch(x: Tensor, weight: Tensor, bias: Tensor | None, k: int, routing_mask: Tensor | None) -> Tensor:
     fused = _fused_kernel_for(x)
     if fused is None:
+        cpu = _cpu_kernel_for(x)
+        if cpu is not None:
+            return cpu.cpu_dynamic_k_linear(x, weight, bias, k, routing_mask)
         return DynamicKFunction.apply(x, weight, bias, k, routing_mask)
     if routing_mask is not None:  # the fused kernel keeps its selection to itself: select once more
         mark_routed(routing_mask, select(x.detach(), weight.detach(), k, want_indices=True)[1])
@@ -84,7 +98,9 @@ def routed_indices(x: Tensor, weight: Tensor, k: int) -> Tensor:
     check_arguments(x, weight, None, k)
     if x.dtype != weight.dtype:
         weight = weight.to(x.dtype)
-    return select(x, weight, k, want_indices=True)[1].long()
+    cpu = _cpu_kernel_for(x)
+    pick = cpu.cpu_select if cpu is not None else select
+    return pick(x, weight, k, want_indices=True)[1].long()
 
 
 class DynamicKLinear(nn.Module):

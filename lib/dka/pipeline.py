@@ -15,6 +15,7 @@ A stage killed outright (SIGKILL runs no cleanup) is repaired at its next start,
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -23,36 +24,19 @@ from typing import Callable, Sequence
 
 import yaml
 
-from dka.profiles import check_params
+from dka.profiles import check_params, declared_profiles
 
-__all__ = ["stage_names", "run_stage", "results_dir", "set_aside_dir", "failed_dir", "notebook_command"]
-
-
-def _dvc_stages(root: Path) -> tuple[dict, dict]:
-    dvc = yaml.safe_load((root / "dvc.yaml").read_text())
-    return dvc, dvc.get("stages", {})
-
-
-def _stage_profiles(dvc: dict, stage: dict) -> list[str]:
-    """The profiles a `foreach` stage is defined for (a literal list or `${var}` from dvc.yaml's vars)."""
-    items = stage.get("foreach", [])
-    if isinstance(items, str) and items.startswith("${") and items.endswith("}"):
-        name = items[2:-1]
-        for entry in dvc.get("vars", []):
-            if isinstance(entry, dict) and name in entry:
-                return list(entry[name])
-        return []
-    return list(items) if isinstance(items, list) else []
+__all__ = ["stage_names", "run_stage", "results_dir", "set_aside_dir", "failed_dir", "notebook_command",
+           "NOTEBOOK_ENV"]
 
 
 def stage_names(root: str | Path, profile: str) -> list[str]:
     """DVC's names of `profile`'s stages (`01_cifar@demo`, ...), in dvc.yaml's order."""
     root = Path(root)
-    dvc, stages = _dvc_stages(root)
-    names = [f"{name}@{profile}" for name, stage in stages.items() if profile in _stage_profiles(dvc, stage)]
-    if not names:
+    if profile not in declared_profiles(root):
         raise ValueError(f"dvc.yaml defines no stage for profile {profile!r}: add it to `vars: - profiles:` there")
-    return names
+    stages = yaml.safe_load((root / "dvc.yaml").read_text()).get("stages", {})
+    return [f"{name}@{profile}" for name, stage in stages.items() if stage.get("foreach") == "${profiles}"]
 
 
 def results_dir(root: str | Path, stage: str, profile: str) -> Path:
@@ -70,9 +54,14 @@ def failed_dir(root: str | Path, stage: str, profile: str) -> Path:
     return Path(root) / "runs" / profile / ".failed" / stage
 
 
+# The notebooks run without slider widgets (no kernel will drive them in the recorded copy).
+NOTEBOOK_ENV = {"DKA_WIDGETS": "0"}
+
+
 def notebook_command(stage: str, profile: str) -> list[str]:
-    """The papermill command that executes notebook `stage` at `profile` (run from the project root)."""
-    return [sys.executable, "-m", "papermill", "--cwd", "notebooks", f"notebooks/{stage}.ipynb",
+    """The papermill command that executes notebook `stage` at `profile` (run from the project root, with
+    NOTEBOOK_ENV); --log-output streams the notebook's own lines (one per epoch and model) to the terminal."""
+    return [sys.executable, "-m", "papermill", "--log-output", "--cwd", "notebooks", f"notebooks/{stage}.ipynb",
             f"results/{profile}/{stage}/{stage}.ipynb", "-p", "profile", profile]
 
 
@@ -101,7 +90,8 @@ def run_stage(root: str | Path, stage: str, profile: str,
     if results.exists():
         results.rename(previous)
     results.mkdir(parents=True)
-    execute = execute or (lambda argv, cwd: subprocess.run(list(argv), cwd=cwd).returncode)
+    execute = execute or (lambda argv, cwd: subprocess.run(list(argv), cwd=cwd,
+                                                           env={**os.environ, **NOTEBOOK_ENV}).returncode)
     code = 1
     try:
         code = execute(notebook_command(stage, profile), root)

@@ -27,7 +27,8 @@ from dka.data.loaders import RECOMMENDED_STEMS
 from dka.train import TrainConfig
 from dka.train.config import type_problem
 
-__all__ = ["ParamsError", "check_params", "load_params", "profile_names", "SECTIONS", "OPTIONAL", "RUNTIME_FIELDS"]
+__all__ = ["ParamsError", "check_params", "load_params", "profile_names", "declared_profiles", "SECTIONS", "OPTIONAL",
+           "RUNTIME_FIELDS"]
 
 # TrainConfig fields a profile sets outside `train:` (the section's dataset and root, the runtime).
 RUNTIME_FIELDS = ("model", "data", "data_root", "out", "device", "workers", "amp", "seed")
@@ -67,6 +68,19 @@ def _device(value):
     return None
 
 
+def _amp(value):
+    """amp: true/false, or null for "bf16 where the CPU has fast bf16" (dka.train's automatic choice)."""
+    return None if value is None else type_problem(value, "bool")
+
+
+def _seeds(value):
+    if not isinstance(value, list) or not value or any(type_problem(v, "int") for v in value):
+        return f"expected a non-empty list of integer seeds, e.g. [0, 1, 2], got {value!r}"
+    if len(set(value)) != len(value):
+        return f"repeats a seed: {value!r}"
+    return None
+
+
 def _name_list(value):
     if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
         return f"expected a non-empty list of model names, got {value!r}"
@@ -80,8 +94,8 @@ _TRAINED = {"dataset": _dataset, "root": _STR, "models": _name_list, "train": _t
 
 # What each notebook reads from its section. `train` and `overrides` are checked against TrainConfig too.
 SECTIONS: dict[str, dict[str, Check]] = {
-    "runtime": {"device": _device, "workers": _typed("int", 0), "amp": _BOOL, "seed": _INT, "fresh_runs": _BOOL,
-                "nproc_per_node": _POSITIVE},
+    "runtime": {"device": _device, "workers": _typed("int", 0), "amp": _amp, "seed": _INT,
+                "seeds": _seeds, "fresh_runs": _BOOL, "nproc_per_node": _POSITIVE},
     "cifar": {**_TRAINED, "slider_default": _POSITIVE},
     "places": {**_TRAINED, "slider_default": _POSITIVE},
     "dissect": {"broden_root": _STR, "caffe": _BOOL, "layer": _STR, "batch_size": _POSITIVE, "models": _name_list,
@@ -91,7 +105,8 @@ SECTIONS: dict[str, dict[str, Check]] = {
     "explain": {"models": _name_list, "num_images": _POSITIVE, "top_units": _POSITIVE, "seed": _INT},
     "internal": {**_TRAINED, "dissect_batch_size": _POSITIVE, "weight_share": _SHARE, "max_concepts": _POSITIVE},
 }
-OPTIONAL = {"cifar": {"overrides"}, "internal": {"overrides"}}
+# Keys a section may leave out; `runtime` has exactly one of `seed` (one run per model) and `seeds` (one per seed).
+OPTIONAL = {"runtime": {"seed", "seeds"}, "cifar": {"overrides"}, "internal": {"overrides"}}
 
 
 def _close(key, valid) -> str | None:
@@ -122,6 +137,27 @@ def load_params(path: str | Path) -> dict:
 def profile_names(params: dict) -> list[str]:
     """The profile sections of params.yaml (every top-level mapping)."""
     return [k for k, v in params.items() if isinstance(v, dict)]
+
+
+def declared_profiles(root: str | Path) -> list[str]:
+    """The profiles dvc.yaml defines stages for: its `vars: - profiles:` list, the one list of profiles."""
+    dvc = yaml.safe_load((Path(root) / "dvc.yaml").read_text()) or {}
+    for entry in dvc.get("vars", []):
+        if isinstance(entry, dict) and isinstance(entry.get("profiles"), list):
+            return [str(p) for p in entry["profiles"]]
+    return []
+
+
+def _declared_problems(path: Path, profiles: list[str]) -> list[str]:
+    """A profile section without stages in dvc.yaml (or the reverse) would be silently never run."""
+    if not (path.parent / "dvc.yaml").is_file():
+        return []
+    declared = declared_profiles(path.parent)
+    problems = [f"{name}: no stages in dvc.yaml; add `- {name}` to its `vars: - profiles:` list"
+                for name in profiles if name not in declared]
+    problems += [f"dvc.yaml lists profile {name!r} but {path} has no `{name}:` section; add the section or "
+                 "remove the line" for name in declared if name not in profiles]
+    return problems
 
 
 @functools.lru_cache(maxsize=None)
@@ -221,6 +257,9 @@ def _check_profile(profile: str, p: dict, problems: list[str]) -> None:
         missing = [k for k in schema if k not in values and k not in OPTIONAL.get(section, ()) and k not in meant]
         if missing:
             problems.append(f"{path}: missing {', '.join(missing)}")
+        if section == "runtime" and ("seed" in values) == ("seeds" in values):
+            problems.append(f"{path}: set exactly one of `seed: 0` (one run per model) or `seeds: [0, 1, 2]` "
+                            "(one run per model and seed)")
     _check_together(profile, p, problems)
 
 
@@ -278,6 +317,7 @@ def check_params(path: str | Path = "params.yaml", profile: str | None = None) -
     default = params.get("profile")
     if not isinstance(default, str) or default not in profiles:
         problems.append(f"profile: {default!r} is not a profile section; choose one of {', '.join(profiles)}")
+    problems += _declared_problems(Path(path), profiles)
     for name in profiles:
         _check_profile(name, params[name], problems)
     selected = default if profile is None else profile

@@ -16,6 +16,7 @@ from pathlib import Path
 import matplotlib.figure
 import numpy as np
 import pandas as pd
+from tabulate import tabulate
 
 from dka.atomic import atomic_write, write_text
 
@@ -36,29 +37,27 @@ def save_figure(fig: matplotlib.figure.Figure, path: str | os.PathLike, dpi: int
 
 
 def markdown_table(df: pd.DataFrame, floatfmt: str | Mapping[str, str] = ".2f", index: bool = False) -> str:
-    """GitHub-flavoured Markdown for a small table (no tabulate dependency).
+    """GitHub-flavoured Markdown for a small table (tabulate's pipe format, as `DataFrame.to_markdown`).
 
     `floatfmt` is one format for every float column or a {column: format} dict (others: ".2f");
-    NaN prints as an en dash, "|" is escaped.
+    NaN prints as an en dash and "|" is escaped, so the table renders on GitHub and in Jupyter.
     """
     frame = df.reset_index() if index else df
     formats = floatfmt if isinstance(floatfmt, Mapping) else {}
     default = ".2f" if isinstance(floatfmt, Mapping) else floatfmt
 
-    def cell(value, column) -> str:
-        if isinstance(value, (float, np.floating)):
-            return "–" if math.isnan(value) else format(float(value), formats.get(column, default))
-        if value is None:
-            return "–"
-        return str(value).replace("|", "\\|")
+    def cell(value):
+        if isinstance(value, str):
+            return value.replace("|", "\\|")
+        if value is None or (isinstance(value, (float, np.floating)) and math.isnan(value)):
+            return None  # tabulate's missing value
+        return value
 
-    header = [str(c).replace("|", "\\|") for c in frame.columns]
-    lines = ["| " + " | ".join(header) + " |"]
-    aligns = ["---:" if pd.api.types.is_numeric_dtype(frame[c]) else ":---" for c in frame.columns]
-    lines.append("| " + " | ".join(aligns) + " |")
-    for row in frame.itertuples(index=False):
-        lines.append("| " + " | ".join(cell(v, c) for v, c in zip(row, frame.columns)) + " |")
-    return "\n".join(lines) + "\n"
+    # tabulate itself (what DataFrame.to_markdown calls): a list of rows keeps None as its missing value,
+    # where a DataFrame would turn it back into NaN
+    rows = [[cell(v) for v in row] for row in frame.itertuples(index=False)]
+    return tabulate(rows, headers=[cell(str(c)) for c in frame.columns], tablefmt="pipe", missingval="–",
+                    floatfmt=[formats.get(c, default) for c in frame.columns]) + "\n"
 
 
 def save_table(df: pd.DataFrame, path_stem: str | os.PathLike, floatfmt: str | Mapping[str, str] = ".2f",
@@ -103,22 +102,32 @@ def save_json(obj, path: str | os.PathLike) -> Path:
 # --------------------------------------------------------------------------------------------
 
 
-def metrics_frame(runs: Mapping[str, Sequence[Mapping]]) -> pd.DataFrame:
-    """Per-epoch metrics of several runs (model name -> metrics.jsonl records) as one long table.
+def metrics_frame(runs: Mapping[str, Sequence]) -> pd.DataFrame:
+    """Per-epoch metrics of several runs as one long table (columns `model`, `seed`, `epoch`, ...).
 
-    Scalar keys become columns; the per-layer dicts (`sparsity`, `never_routed`) are reduced to the
-    final layer's value (`head`), the one the paper's figures show.
+    `runs` maps a run name to its metrics.jsonl records, or to one `RunResult` per seed (what
+    `dka.experiments.train_models` returns; the seed is read from the run's folder, `seed<k>`). Scalar
+    keys become columns; the per-layer dicts (`sparsity`, `never_routed`) are reduced to the final
+    layer's value (`head`), the one the paper's figures show.
     """
     rows = []
-    for model, records in runs.items():
-        for record in records:
-            row = {"model": model}
-            for key, value in record.items():
-                if isinstance(value, Mapping):
-                    row[key] = value.get("head", np.nan)
-                else:
-                    row[key] = value
-            rows.append(row)
+    for model, entries in runs.items():
+        entries = list(entries)
+        if entries and hasattr(entries[0], "metrics"):
+            per_seed = [(_seed_of(r, i), r.metrics) for i, r in enumerate(entries)]
+        else:
+            per_seed = [(0, entries)]
+        for seed, records in per_seed:
+            for record in records:
+                row = {"model": model, "seed": seed}
+                for key, value in record.items():
+                    row[key] = value.get("head", np.nan) if isinstance(value, Mapping) else value
+                rows.append(row)
     if not rows:
         raise ValueError("no metrics to tabulate: every run has an empty metrics list")
     return pd.DataFrame(rows)
+
+
+def _seed_of(result, index: int) -> int:
+    name = Path(getattr(result, "out_dir", "")).name
+    return int(name[4:]) if name.startswith("seed") and name[4:].isdigit() else index

@@ -23,6 +23,9 @@ def _parser() -> argparse.ArgumentParser:
     dl.add_argument("--root", required=True)
     dl.add_argument("--format", choices=["torchvision", "easy"], default="torchvision",
                     help="Places365 layout (default: torchvision's, md5-verified)")
+    dl.add_argument("--no-checksum", action="store_true",
+                    help="accept an archive that differs from its recorded checksum (its sha256 is printed); "
+                         "for a copy you trust when the recorded value is not the publisher's")
     return parser
 
 
@@ -35,14 +38,25 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"--processes must be >= 1, got {args.processes}")
         print(generate(args.preset, args.out, seed=args.seed, processes=args.processes))
         return 0
+    import urllib.error
+
     from dka.data import download
 
-    if args.dataset == "cifar10":
-        path = download.download_cifar10(args.root)
-    elif args.dataset == "places365":
-        path = download.download_places365(args.root, fmt=args.format)
-    else:
-        path = download.download_broden(args.root)
+    try:
+        if args.dataset == "cifar10":
+            path = download.download_cifar10(args.root)
+        elif args.dataset == "places365":
+            path = download.download_places365(args.root, fmt=args.format, checksum=not args.no_checksum)
+        else:
+            path = download.download_broden(args.root, checksum=not args.no_checksum)
+    except (download.DownloadError, download.ChecksumError, urllib.error.URLError) as err:
+        # one line, no traceback: offline, unreachable server or a corrupt archive (nothing half-written is kept)
+        if isinstance(err, urllib.error.URLError):  # from torchvision's own dataset downloaders
+            err = f"cannot download: {err.reason} (offline, or the server is unreachable)"
+        elif isinstance(err, download.ChecksumError):
+            err = f"{err} (or accept a copy you trust with --no-checksum)"
+        print(f"python -m dka data download {args.dataset}: {err}", file=sys.stderr)
+        return 1
     print(path)
     return 0
 

@@ -1,34 +1,71 @@
 """Downloading the real datasets for users online: verified, resumable-by-restart, never half-written.
 
-Every archive is fetched to `<name>.part`, checked against its published checksum where one exists (the
-sha256 is printed either way, so a user can pin it) and only then renamed; extraction goes to a temporary
-directory that is renamed into place, refusing members that would escape it.
+Transfers go through torchvision's `download_url` (redirects, a user agent servers accept) into
+`<name>.part`, which is checked against the archive's known checksum (`CHECKSUMS`; md5 through
+torchvision's `calculate_md5`) and only then renamed; the sha256 of what arrived is printed so a user can
+pin it. Extraction goes to a temporary directory that is renamed into place, refusing members that would
+escape it. CIFAR-10 and Places365 in torchvision's layout use torchvision's own downloaders, which check
+the md5s torchvision records. A transfer that fails (e.g. offline) raises `DownloadError`, which the
+command line prints as one line.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import os
 import shutil
 import tarfile
+import urllib.error
+import urllib.parse
 import urllib.request
 import zipfile
 from pathlib import Path
+from typing import NamedTuple
 
 __all__ = ["download_cifar10", "download_places365", "download_broden", "fetch", "extract", "verify",
-           "file_digest", "ChecksumError", "BRODEN_URL", "PLACES365_EASY_URL"]
+           "file_digest", "Checksum", "CHECKSUMS", "ChecksumError", "DownloadError", "BRODEN_URL",
+           "PLACES365_EASY_URL"]
 
 BRODEN_URL = "http://netdissect.csail.mit.edu/data/broden1_224.zip"
 PLACES365_EASY_URL = "http://data.csail.mit.edu/places/places365/places365standard_easyformat.tar"
-# Published checksums (algorithm, hex digest); None where the source publishes none.
-CHECKSUMS: dict[str, tuple[str, str] | None] = {BRODEN_URL: None, PLACES365_EASY_URL: None}
+
+
+class Checksum(NamedTuple):
+    """An archive's expected digest and where the value comes from (shown when a download differs)."""
+
+    algorithm: str  # "md5" or "sha256"
+    digest: str
+    source: str = ""
+
+
+# What is known of each archive (None: nothing; the sha256 of a download is printed for pinning).
+CHECKSUMS: dict[str, Checksum | tuple[str, str] | None] = {
+    # Not published by Broden's authors (NetDissect's scripts check nothing); this md5 is the one a
+    # third-party setup script checks for the same URL. Not verified here: no copy can be downloaded.
+    BRODEN_URL: Checksum("md5", "be13c292eaef3300da03f8d0e48eab1c",
+                         "a third-party setup script's value (Broden's authors publish none)"),
+    # The Places365 site publishes no checksum for the easy-format archive (~24 GB).
+    PLACES365_EASY_URL: None,
+}
 
 
 class ChecksumError(ValueError):
-    """A downloaded file whose digest differs from the published one."""
+    """A downloaded file whose digest differs from the expected one."""
+
+
+class DownloadError(OSError):
+    """A transfer that failed (no network, unknown host, HTTP error); the message is one line."""
 
 
 def file_digest(path: str | os.PathLike, algorithm: str = "sha256") -> str:
+    """Hex digest of a file, read in 1 MiB blocks (md5 through torchvision's `calculate_md5`)."""
+    if algorithm == "md5":
+        from dka._compat import torchvision  # noqa: F401  (torchvision.datasets.utils needs the shim first)
+        from torchvision.datasets.utils import calculate_md5
+
+        return calculate_md5(path)
     h = hashlib.new(algorithm)
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -36,41 +73,61 @@ def file_digest(path: str | os.PathLike, algorithm: str = "sha256") -> str:
     return h.hexdigest()
 
 
-def verify(path: str | os.PathLike, expected: tuple[str, str] | None) -> str:
-    """sha256 of `path`; raises ChecksumError naming the file when `expected` (algorithm, digest) differs."""
+def verify(path: str | os.PathLike, expected: Checksum | tuple[str, str] | None) -> str:
+    """sha256 of `path`; raises ChecksumError naming the file when the `expected` digest differs."""
     if expected is not None:
-        algorithm, digest = expected
+        algorithm, digest = expected[0], expected[1]
         got = file_digest(path, algorithm)
         if got.lower() != digest.lower():
-            raise ChecksumError(f"{path}: {algorithm} is {got}, expected {digest}; the download is corrupt or "
-                                "incomplete — delete it and download again")
+            source = f" (expected value: {expected[2]})" if len(expected) > 2 and expected[2] else ""
+            raise ChecksumError(f"{path}: {algorithm} is {got}, expected {digest}{source}; the download is "
+                                "corrupt or incomplete — delete it and download again")
+        if algorithm == "sha256":
+            return got
     return file_digest(path, "sha256")
 
 
-def fetch(url: str, dest: str | os.PathLike, expected: tuple[str, str] | None = None, progress: bool = True) -> Path:
-    """Download `url` to `dest` (skipped when `dest` exists and verifies)."""
-    from dka.progress import tqdm
+def _transfer(url: str, part: Path, progress: bool) -> None:
+    from dka._compat import torchvision  # noqa: F401
+    from torchvision.datasets.utils import download_url
 
+    parsed = urllib.parse.urlparse(url)
+    if parsed.scheme == "file":  # a local mirror (torchvision's downloader handles network URLs only)
+        try:
+            shutil.copyfile(urllib.request.url2pathname(parsed.path), part)
+        except OSError as err:
+            raise DownloadError(f"cannot copy {url}: {err.strerror or err}") from err
+        return
+    quiet = contextlib.redirect_stderr(io.StringIO()) if not progress else contextlib.nullcontext()
+    try:
+        with quiet:  # torchvision's bar writes to stderr
+            download_url(url, str(part.parent), part.name)
+    except urllib.error.HTTPError as err:
+        raise DownloadError(f"cannot download {url}: HTTP {err.code} {err.reason}") from err
+    except (urllib.error.URLError, ConnectionError, TimeoutError) as err:
+        reason = getattr(err, "reason", None) or err
+        raise DownloadError(f"cannot download {url}: {reason} (offline, or the server is unreachable)") from err
+
+
+def fetch(url: str, dest: str | os.PathLike, expected: Checksum | tuple[str, str] | None = None,
+          progress: bool = True) -> Path:
+    """Download `url` to `dest` (skipped when `dest` exists and verifies); returns `dest`."""
     dest = Path(dest)
     if dest.is_file():
         verify(dest, expected)
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
+    part.unlink(missing_ok=True)  # a killed run's leftover: torchvision would take it for a finished download
     try:
-        with urllib.request.urlopen(url) as response, open(part, "wb") as f:
-            total = int(response.headers.get("Content-Length") or 0) or None
-            with tqdm(total=total, unit="B", unit_scale=True, desc=dest.name, disable=not progress) as bar:
-                for block in iter(lambda: response.read(1 << 20), b""):
-                    f.write(block)
-                    bar.update(len(block))
+        _transfer(url, part, progress)
         sha256 = verify(part, expected)
     except BaseException:
         part.unlink(missing_ok=True)
         raise
     os.replace(part, dest)
     if expected is None:
-        print(f"{dest.name}: no published checksum; sha256 {sha256}")
+        print(f"{dest.name}: no known checksum; sha256 {sha256}")
     return dest
 
 
@@ -114,12 +171,13 @@ def extract(archive: str | os.PathLike, into: str | os.PathLike) -> Path:
     return into
 
 
-def download_broden(root: str | os.PathLike, url: str = BRODEN_URL, progress: bool = True) -> Path:
-    """broden1_224 (~1 GB) into root/broden1_224."""
+def download_broden(root: str | os.PathLike, url: str = BRODEN_URL, progress: bool = True, *,
+                    checksum: bool = True) -> Path:
+    """broden1_224 (~1 GB) into root/broden1_224 (`checksum=False`: accept it without `CHECKSUMS`' value)."""
     root = Path(root)
     if (root / "broden1_224" / "index.csv").is_file():
         return root / "broden1_224"
-    archive = fetch(url, root / "broden1_224.zip", CHECKSUMS.get(url), progress)
+    archive = fetch(url, root / "broden1_224.zip", CHECKSUMS.get(url) if checksum else None, progress)
     extract(archive, root)
     if not (root / "broden1_224" / "index.csv").is_file():
         raise FileNotFoundError(f"{archive} did not contain broden1_224/index.csv")
@@ -128,7 +186,7 @@ def download_broden(root: str | os.PathLike, url: str = BRODEN_URL, progress: bo
 
 
 def download_places365(root: str | os.PathLike, fmt: str = "torchvision", url: str = PLACES365_EASY_URL,
-                       progress: bool = True) -> Path:
+                       progress: bool = True, *, checksum: bool = True) -> Path:
     """Places365-standard 256 px images: torchvision's layout (md5-verified by torchvision) or the easy format."""
     root = Path(root)
     if fmt == "torchvision":
@@ -141,7 +199,7 @@ def download_places365(root: str | os.PathLike, fmt: str = "torchvision", url: s
         raise ValueError(f"Places365 format must be 'torchvision' or 'easy', got {fmt!r}")
     if (root / "places365_standard" / "train").is_dir():
         return root / "places365_standard"
-    archive = fetch(url, root / Path(url).name, CHECKSUMS.get(url), progress)
+    archive = fetch(url, root / Path(url).name, CHECKSUMS.get(url) if checksum else None, progress)
     extract(archive, root)
     archive.unlink()
     return root / "places365_standard"

@@ -1,5 +1,8 @@
 """Fused GPU kernels for Dynamic-K (Triton), used by `dka.layers` on CUDA.
 
+The CPU has its own fused kernel in `dka.kernels.cpu` (C++, built at first use; DKA_DISABLE_CPU_KERNEL=1
+turns it off); `dka.layers` imports it only when a CPU tensor reaches the Dynamic-K operation.
+
 Public API
 - `fused_available(x) -> bool`: True only for a CUDA tensor when Triton imports and has a working
   GPU driver, and DKA_DISABLE_TRITON=1 is not set. CPU tensors always give False (the PyTorch
@@ -9,10 +12,8 @@ Public API
   (b, c, i) triples, as autograd through `topk` would give them.
 
 Behaviour worth knowing
-- Ties: among equal products the lowest input index is selected (and -0.0 counts as +0.0).
-  `torch.topk` leaves ties unspecified, so on inputs with ties (e.g. many zeros after a ReLU with
-  K larger than the positive products) the *indices* may differ from the PyTorch path while the
-  values, the output and — for tied zero inputs — the dW contributions (g * 0) agree.
+- Ties: among equal products the lowest input index is selected (and -0.0 counts as +0.0): the
+  package's rule, which the PyTorch path (`dka._core.select`) and the CPU kernel follow too.
 - dtypes: float32, bfloat16 and float16; x and weight must share one (under autocast both are
   cast to the autocast dtype, as `nn.Linear` would be). Products and sums are computed in float32;
   y has x's dtype.

@@ -8,6 +8,8 @@ is Dynamic-K with K=5. Names:
 - `res18-d{K}a`, `res50-d{K}a`     Dynamic-K head with K=K ("Res18-d5a")
 - `res18-d[K3,K4,K]a`              also the first conv of layer3's and layer4's first block replaced by
                                    a 1x1 DynamicKConv2d with K3 and K4 (the supplement's "Res18-d[32,32,5]a")
+- `res18-1x1`, `res18-1x1-d{K}a`   the same two convs replaced by dense 1x1 convs: the supplement's
+                                   architecture change without Dynamic-K (its control)
 
 The blocks follow torchvision's resnet (same module names, so its ResNet weights map one to one)
 with two additions for CPU-sized work: a width multiplier (64 = the paper's networks) and the CIFAR
@@ -30,13 +32,19 @@ __all__ = ["DKAResNet", "STEMS", "FORMS"]
 
 
 STEMS = ("cifar", "imagenet", "imagenet-small")
-FORMS = ("res18", "res50", "res18-l1", "res50-l1", "res18-d{K}a", "res50-d{K}a", "res18-d[K3,K4,K]a")
-_PATTERN = r"res(?P<depth>18|50)(?:-(?:(?P<l1>l1)|d(?P<k>\d+)a|d\[(?P<k3>\d+),(?P<k4>\d+),(?P<kh>\d+)\]a))?"
+FORMS = ("res18", "res50", "res18-l1", "res50-l1", "res18-d{K}a", "res50-d{K}a", "res18-d[K3,K4,K]a", "res18-1x1",
+         "res18-1x1-d{K}a")
+_PATTERN = (r"res(?P<depth>18|50)(?P<dense1x1>-1x1)?"
+            r"(?:-(?:(?P<l1>l1)|d(?P<k>\d+)a|d\[(?P<k3>\d+),(?P<k4>\d+),(?P<kh>\d+)\]a))?")
 
 
 def _parse(name: str, match: re.Match) -> ModelSpec:
     arch = f"res{match['depth']}"
     internal = None
+    dense_1x1 = match["dense1x1"] is not None
+    if dense_1x1 and (arch != "res18" or match["kh"] is not None):
+        raise ValueError(f"internal dense 1x1 layers are defined for res18 without internal Dynamic-K layers "
+                         f"(res18-1x1, res18-1x1-d{{K}}a, res18-1x1-l1); got {name!r}")
     if match["kh"] is not None:
         if arch != "res18":
             raise ValueError(f"internal Dynamic-K layers are defined for res18 only; got {name!r}")
@@ -47,7 +55,7 @@ def _parse(name: str, match: re.Match) -> ModelSpec:
         if value is not None and value < 1:
             raise ValueError(f"K must be at least 1 in {name!r}")
     return ModelSpec(name=name, family="resnet", arch=arch, head_k=head_k, internal_k=internal,
-                     l1_head=match["l1"] is not None)
+                     l1_head=match["l1"] is not None, options={"dense_1x1": dense_1x1})
 
 
 class BasicBlock(nn.Module):
@@ -135,7 +143,9 @@ class DKAResNet(nn.Module):
             blocks = []
             for b in range(depth):
                 first_conv = None
-                if b == 0 and stage in internal:
+                if b == 0 and stage in (3, 4) and spec.options.get("dense_1x1"):
+                    first_conv = nn.Conv2d(in_planes, p, 1, stride, bias=False)
+                elif b == 0 and stage in internal:
                     k = internal[stage]
                     if k > in_planes:
                         raise ValueError(

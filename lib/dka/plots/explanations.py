@@ -12,9 +12,10 @@ import pandas as pd
 
 from dka.concepts import head_weight
 from dka.dissection import unit_labels
+from dka.plots.style import model_color
 from dka.results import save_figure
 
-__all__ = ["explanation_figure", "concept_graph", "display_rgb"]
+__all__ = ["explanation_figure", "concept_graph", "display_rgb", "method_maps", "localisation_bars", "METHOD_LABELS"]
 
 
 def display_rgb(image) -> np.ndarray:
@@ -153,3 +154,67 @@ def concept_graph(
         ax.set_title(title)
     fig.tight_layout()
     return save_figure(fig, path, dpi=130)
+
+
+def method_maps(images, masks, maps: Mapping[str, object], captions: Sequence[str] | None = None, title: str = ""):
+    """Rows of images: the image, its true concept mask, then each method's attribution map (B, H, W).
+
+    Each map is shown as its positive part scaled to its own maximum (the methods' units differ); the
+    mask's outline is drawn over every map so one sees at a glance what falls inside the truth.
+    """
+    names = list(maps)
+    b = images.shape[0]
+    fig, axes = plt.subplots(b, len(names) + 2, figsize=(1.6 * (len(names) + 2) + 0.4, 1.7 * b + 0.6),
+                             layout="constrained", squeeze=False)
+    for i in range(b):
+        rgb = display_rgb(images[i])
+        mask = np.asarray(masks[i], dtype=float)
+        axes[i][0].imshow(rgb, interpolation="nearest")
+        axes[i][1].imshow(mask, cmap="Greys", vmin=0, vmax=1, interpolation="nearest")
+        if captions is not None:
+            axes[i][0].set_ylabel(captions[i], fontsize=7, rotation=0, ha="right", va="center")
+        for j, name in enumerate(names, start=2):
+            heat = np.clip(np.asarray(maps[name][i], dtype=float), 0, None)
+            axes[i][j].imshow(heat / (heat.max() or 1.0), cmap="inferno", vmin=0, vmax=1, interpolation="nearest")
+            if mask.any():
+                axes[i][j].contour(mask, levels=[0.5], colors="cyan", linewidths=0.6)
+        for ax in axes[i]:
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.grid(False)
+    for j, label in enumerate(["image", "true concepts", *names]):
+        axes[0][j].set_title(label, fontsize=8)
+    if title:
+        fig.suptitle(title, fontweight="bold", fontsize=11)
+    return fig
+
+
+METHOD_LABELS = {"dka": "built-in\ndecomposition", "grad_cam": "Grad-CAM\n(Captum)",
+                 "integrated_gradients": "Integrated Gradients\n(Captum)"}
+
+
+def localisation_bars(table: pd.DataFrame, title: str = "Where the explanations put the evidence") -> Figure:
+    """Share of positive attribution inside the true concept masks per method and model (± sd over images).
+
+    `table` is `dka.posthoc.localisation_table`'s; the dotted line is the mean mask area, the share a
+    uniform map would get.
+    """
+    models = list(dict.fromkeys(table["model"]))
+    methods = list(dict.fromkeys(table["method"]))
+    fig, ax = plt.subplots(figsize=(1.6 + 1.9 * len(methods), 3.8), layout="constrained")
+    width = 0.8 / len(models)
+    for m, model in enumerate(models):
+        rows = table[table["model"] == model].set_index("method").reindex(methods)
+        x = np.arange(len(methods)) + (m - (len(models) - 1) / 2) * width
+        bars = ax.bar(x, 100 * rows["share"], width, yerr=100 * rows["share_sd"].fillna(0), capsize=3,
+                      color=model_color(model), label=model)
+        ax.bar_label(bars, labels=[("" if np.isnan(v) else f"{100 * v:.0f}") for v in rows["share"]],
+                     label_type="center", fontsize=9, color="white", fontweight="bold")
+    chance = 100 * float(table["mask_area"].mean())
+    ax.axhline(chance, color="0.3", ls=":", lw=1.2, label=f"mask area ({chance:.0f} %): chance")
+    ax.set_xticks(np.arange(len(methods)), [METHOD_LABELS.get(m, m) for m in methods])
+    ax.set_ylabel("positive attribution inside\nthe true concept masks (%)")
+    ax.set_ylim(0, 105)
+    ax.set_title(title)
+    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), title="model")
+    return fig

@@ -9,10 +9,18 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 
-from dka.plots.style import OURS_COLOR, PAPER_COLOR, SPARSITY_LABELS, _integer_ticks, _new_axes, model_palette
+from dka.plots.style import SPARSITY_LABELS, _integer_ticks, _new_axes, model_color, model_palette
 from dka.plots.weights import weight_heatmap
+from dka.stats import mean_interval
 
-__all__ = ["accuracy_curves", "sparsity_curves", "paper_comparison_bars", "model_lines", "sweep_dashboard"]
+__all__ = ["accuracy_curves", "sparsity_curves", "paper_comparison_bars", "model_lines", "sweep_dashboard", "frontier",
+           "share_sweep", "metric_panels"]
+
+
+def _t_band(values) -> tuple[float, float]:
+    """The band seaborn draws around a line of several seeds: the 95% t-interval of their mean."""
+    iv = mean_interval(list(values))
+    return (iv.low, iv.high) if iv.n > 1 else (iv.mean, iv.mean)
 
 
 def accuracy_curves(frame: pd.DataFrame, splits: Sequence[str] = ("train_top1", "test_top1"),
@@ -27,7 +35,7 @@ def accuracy_curves(frame: pd.DataFrame, splits: Sequence[str] = ("train_top1", 
     fig, axes = plt.subplots(1, len(splits), figsize=(5.2 * len(splits), 3.8), sharey=True,
                              layout="constrained", squeeze=False)
     for ax, split in zip(axes[0], splits):
-        sns.lineplot(data=frame, x="epoch", y=split, hue="model", hue_order=order, palette=palette,
+        sns.lineplot(data=frame, x="epoch", y=split, hue="model", hue_order=order, palette=palette, errorbar=_t_band,
                      marker="o", markersize=4, ax=ax, legend=ax is axes[0][-1])
         ax.set_title(split.replace("_top1", "").replace("_", " "))
         ax.set_xlabel("epoch")
@@ -56,7 +64,7 @@ def sparsity_curves(frame: pd.DataFrame, measure: str = "small", order: Sequence
     order = list(order) if order is not None else list(dict.fromkeys(frame["model"]))
     order = [m for m in order if m in set(data["model"])]
     fig, ax = _new_axes(ax, (6.4, 3.8))
-    sns.lineplot(data=data, x="epoch", y=column, hue="model", hue_order=order,
+    sns.lineplot(data=data, x="epoch", y=column, hue="model", hue_order=order, errorbar=_t_band,
                  palette=model_palette(order), marker="o", markersize=4, ax=ax)
     ax.set_ylim(-0.02, 1.02)
     ax.set_xlabel("epoch")
@@ -70,43 +78,40 @@ def sparsity_curves(frame: pd.DataFrame, measure: str = "small", order: Sequence
 
 def paper_comparison_bars(ours: Mapping[str, float], paper: Mapping[str, float] | None = None,
                           ylabel: str = "top-1 accuracy (%)", title: str = "",
-                          ours_label: str = "this run", paper_label: str = "paper", ax=None,
-                          ylim: tuple[float, float] | None = None):
-    """K-sweep / Table 1 bars: our value per model beside the paper's (grey), numbers printed on top.
+                          ours_label: str = "this run", paper_label: str = "paper",
+                          errors: Mapping[str, tuple[float, float]] | None = None):
+    """Table 1 as bars: our value per model in one panel, the paper's in another, each on its own axis.
 
-    Models the paper does not report get only our bar. The two data sets differ, so compare the
-    pattern across K (parity with the baseline), not the absolute heights.
+    The two come from different data (e.g. a stand-in dataset vs Places365), so they are never drawn
+    on one axis: compare the pattern across models, not the heights. `errors` maps a model to the
+    (low, high) of our interval, drawn as an error bar. Bars take each model's colour (`model_color`).
     """
     models = list(ours)
     if not models:
         raise ValueError("paper_comparison_bars needs at least one model")
-    paper = dict(paper or {})
-    fig, ax = _new_axes(ax, (max(4.0, 0.9 * len(models) + 2.0), 3.8))
-    x = np.arange(len(models))
-    has_paper = any(m in paper for m in models)
-    width = 0.4 if has_paper else 0.6
-    ours_vals = np.array([ours[m] for m in models], dtype=float)
-    bars = ax.bar(x - (width / 2 if has_paper else 0), ours_vals, width, color=OURS_COLOR, label=ours_label)
-    ax.bar_label(bars, fmt="%.1f", fontsize=8, padding=1)
-    if has_paper:
-        paper_vals = np.array([paper.get(m, np.nan) for m in models], dtype=float)
-        pbars = ax.bar(x + width / 2, np.nan_to_num(paper_vals, nan=0.0), width, color=PAPER_COLOR,
-                       label=paper_label)
-        for bar, value in zip(pbars, paper_vals):
-            if np.isnan(value):
-                bar.set_visible(False)
-        ax.bar_label(pbars, labels=["" if np.isnan(v) else f"{v:.1f}" for v in paper_vals], fontsize=8,
-                     padding=1)
-    ax.set_xticks(x, models, rotation=30, ha="right")
-    ax.set_ylabel(ylabel)
-    if ylim is not None:
-        ax.set_ylim(*ylim)
-    else:
-        top = np.nanmax([ours_vals.max(), *(paper.get(m, np.nan) for m in models)])
-        ax.set_ylim(0, min(100.0, top * 1.12) if top <= 100 else top * 1.12)
+    paper = {m: v for m, v in (paper or {}).items() if m in models}
+    panels = [(ours_label, {m: ours[m] for m in models})] + ([(paper_label, paper)] if paper else [])
+    fig, axes = plt.subplots(1, len(panels), figsize=(max(4.0, 0.75 * len(models) + 1.8) * len(panels), 3.9),
+                             layout="constrained", squeeze=False)
+    for ax, (label, values) in zip(axes[0], panels):
+        names = [m for m in models if m in values]
+        x = np.arange(len(names))
+        heights = np.array([values[m] for m in names], dtype=float)
+        bars = ax.bar(x, heights, 0.7, color=[model_color(m) for m in names])
+        if errors and label == ours_label:
+            lows = np.array([errors.get(m, (np.nan, np.nan))[0] for m in names], dtype=float)
+            highs = np.array([errors.get(m, (np.nan, np.nan))[1] for m in names], dtype=float)
+            ok = ~np.isnan(lows)
+            ax.errorbar(x[ok], heights[ok], yerr=[heights[ok] - lows[ok], highs[ok] - heights[ok]], fmt="none",
+                        ecolor="0.2", capsize=3, lw=1)
+        ax.bar_label(bars, fmt="%.1f", fontsize=8, padding=2)
+        ax.set_xticks(x, names, rotation=30, ha="right")
+        ax.set_ylabel(ylabel)
+        top = np.nanmax(heights) if len(heights) else 1.0
+        ax.set_ylim(0, min(100.0, top * 1.15) if top <= 100 else top * 1.15)
+        ax.set_title(label, fontsize=10)
     if title:
-        ax.set_title(title)
-    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=True)
+        fig.suptitle(title, fontweight="bold")
     return fig
 
 
@@ -118,7 +123,7 @@ def model_lines(frame: pd.DataFrame, x: str, y: str, xlabel: str, ylabel: str, t
         raise KeyError(f"model_lines needs columns {missing}; got {list(frame.columns)}")
     order = list(order) if order is not None else list(dict.fromkeys(frame["model"]))
     fig, ax = _new_axes(ax, (6.4, 3.8))
-    sns.lineplot(data=frame, x=x, y=y, hue="model", hue_order=order, palette=model_palette(order),
+    sns.lineplot(data=frame, x=x, y=y, hue="model", hue_order=order, palette=model_palette(order), errorbar=_t_band,
                  marker=marker, markersize=4 if marker else None, ax=ax)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
@@ -154,7 +159,7 @@ def sweep_dashboard(weights: Mapping[str, object], curves: pd.DataFrame,
             ax.set_ylabel("")
     ax_acc = fig.add_subplot(grid[0, len(shown)])
     for name in dict.fromkeys(curves["model"]):
-        sub = curves[curves["model"] == name]
+        sub = curves[curves["model"] == name].groupby("epoch", as_index=False)["test_top1"].mean()  # over seeds
         if name in shown:
             ax_acc.plot(sub["epoch"], sub["test_top1"], marker="o", markersize=4, lw=2.2,
                         color=palette[name], label=name)
@@ -178,6 +183,88 @@ def sweep_dashboard(weights: Mapping[str, object], curves: pd.DataFrame,
     ax_sp.set_ylim(0, 1.12)
     ax_sp.set_ylabel("share of final-layer weights")
     ax_sp.set_title("sparsity after training")
+    if title:
+        fig.suptitle(title, fontweight="bold")
+    return fig
+
+
+def frontier(points: Mapping[str, tuple], xlabel: str, ylabel: str, title: str = "", ax=None):
+    """One marker per run at (x, y) with both 95% intervals as error bars: e.g. accuracy against sparsity.
+
+    `points` maps a run to (x, y), each a `dka.stats.Interval` (or a plain number).
+    """
+    if not points:
+        raise ValueError("frontier needs at least one run")
+    fig, ax = _new_axes(ax, (6.0, 4.2))
+    for run, (x, y) in points.items():
+        xm, ym = getattr(x, "mean", x), getattr(y, "mean", y)
+        xerr = [[xm - x.low], [x.high - xm]] if getattr(x, "n", 1) > 1 else None
+        yerr = [[ym - y.low], [y.high - ym]] if getattr(y, "n", 1) > 1 else None
+        ax.errorbar([xm], [ym], xerr=xerr, yerr=yerr, fmt="o", color=model_color(run), capsize=3, label=run)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+    ax.legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8, title="run")
+    return fig
+
+
+def share_sweep(ours: Mapping[float, object], paper: Mapping[float, float], ours_baseline=None,
+                paper_baseline: float | None = None, ours_label: str = "this run", paper_label: str = "paper",
+                ylabel: str = "top-1 (%)", title: str = ""):
+    """Accuracy against the share of the head's inputs that K routes (log axis), ours and the paper's.
+
+    Heads of different widths are compared by K / inputs (the paper's K = 5 routes 1% of 512 features),
+    and ours and the paper's numbers are drawn in two panels (different data), each with its dense
+    baseline as a dashed line. `ours` maps a share (%) to an Interval or a number.
+    """
+    fig, axes = plt.subplots(1, 2 if paper else 1, figsize=(11.5 if paper else 6.0, 3.9), layout="constrained",
+                             squeeze=False)
+    panels = [(axes[0][0], ours, ours_baseline, ours_label)]
+    if paper:
+        panels.append((axes[0][1], paper, paper_baseline, paper_label))
+    for ax, points, base, label in panels:
+        shares = sorted(points)
+        means = np.array([getattr(points[s], "mean", points[s]) for s in shares], dtype=float)
+        lows = np.array([getattr(points[s], "low", np.nan) for s in shares], dtype=float)
+        highs = np.array([getattr(points[s], "high", np.nan) for s in shares], dtype=float)
+        ax.plot(shares, means, "o-", color=model_color("res18-d5a"), label="Dynamic-K head")
+        if not np.isnan(lows).all():
+            ax.fill_between(shares, lows, highs, color=model_color("res18-d5a"), alpha=0.2, lw=0)
+        if base is not None:
+            bm = getattr(base, "mean", base)
+            ax.axhline(bm, color=model_color("res18"), ls="--", lw=1.2, label="dense head")
+            if getattr(base, "n", 1) > 1:
+                ax.axhspan(base.low, base.high, color=model_color("res18"), alpha=0.08, lw=0)
+        ax.set_xscale("log")
+        ax.set_xlabel("K / inputs of the head (%)")
+        ax.set_ylabel(ylabel)
+        ax.set_title(label, fontsize=10)
+        ax.legend(loc="lower right", fontsize=8)
+    if title:
+        fig.suptitle(title, fontweight="bold")
+    return fig
+
+
+def metric_panels(scores: pd.DataFrame, columns: Sequence[str], key: str = "method", title: str = ""):
+    """One panel per metric: a bar per method (mean over its rows, the seeds) with each seed as a dot.
+
+    Methods where a metric does not apply (all NaN) get no bar and a "n/a" mark, so absence is not
+    mistaken for zero.
+    """
+    names = list(dict.fromkeys(scores[key]))
+    fig, axes = plt.subplots(1, len(columns), figsize=(3.2 * len(columns) + 1.0, 4.2), layout="constrained",
+                             squeeze=False)
+    for ax, column in zip(axes[0], columns):
+        for i, name in enumerate(names):
+            values = scores.loc[scores[key] == name, column].to_numpy(dtype=float)
+            if np.isnan(values).all():
+                ax.text(i, 0, "n/a", ha="center", va="bottom", fontsize=8, color="0.4")
+                continue
+            ax.bar(i, np.nanmean(values), 0.7, color=model_color(name), alpha=0.85)
+            ax.plot(np.full(len(values), i), values, "o", color="0.15", markersize=3)
+        ax.set_xticks(range(len(names)), names, rotation=40, ha="right", fontsize=8)
+        ax.set_title(column, fontsize=10)
     if title:
         fig.suptitle(title, fontweight="bold")
     return fig

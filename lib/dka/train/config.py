@@ -56,6 +56,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 SCHEDULES = ("step", "cosine", "constant")
 
+# Optional fields whose neutral value (None / {}) reproduces the behaviour from before they existed.
+_OPTIONAL = frozenset({"head_weight_decay", "model_options"})
 # Fields that do not change what is computed: a resume may change them freely.
 # skip_corrupt: a run that met a corrupt image must be resumable with --skip-corrupt added; what data it
 # trains on is checked by the dataset identity stored in the checkpoint (dka.data.identity).
@@ -249,7 +251,10 @@ class TrainConfig:
             raise ValueError(f"head_weight_decay must be >= 0 or None; got {self.head_weight_decay}")
 
     def fingerprint_fields(self) -> dict:
-        return {k: v for k, v in plain(dataclasses.asdict(self)).items() if k not in _NOT_FINGERPRINTED}
+        """The settings that decide what a run computes. An optional field left at its neutral value (None,
+        an empty mapping) is left out, so adding such a field to TrainConfig keeps older runs resumable."""
+        return {k: v for k, v in plain(dataclasses.asdict(self)).items()
+                if k not in _NOT_FINGERPRINTED and not (k in _OPTIONAL and v in (None, {}))}
 
     def fingerprint(self) -> str:
         blob = json.dumps(self.fingerprint_fields(), sort_keys=True)

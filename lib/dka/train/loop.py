@@ -228,15 +228,16 @@ def _run_locked(cfg: TrainConfig, bundle, dist_ctx: DistContext, on_step, out: P
                                   ckpt_path if state is not None else None, start_epoch, steps_done, on_step)
         test = evaluate(model, test_loader, env, cfg.max_eval_steps)
         train_skipped = trained.pop("skipped")
+        routed = tracker.routed_masks(dist_ctx)
         row = {"epoch": epoch, "lr": lr_now, **trained,
                "test_loss": test["loss"], "test_top1": test["top1"], "test_top5": test["top5"],
-               "sparsity": layer_sparsity(bare), "never_routed": tracker.never_routed(dist_ctx),
+               "sparsity": layer_sparsity(bare), "never_routed": tracker.never_routed(dist_ctx, routed),
                "seconds": time.perf_counter() - started}
         if cfg.skip_corrupt:  # images of this epoch left out because they could not be decoded
             row["skipped_images"] = len(decode_skipped) + train_skipped + test["skipped"]
         metrics.append(row)
         rngs = all_gather_objects(run_state.rng_state(), dist_ctx)
-        state = run_state.training_payload(bare, cfg, epoch, optimizer, scheduler, rngs, metrics, identity)
+        state = run_state.training_payload(bare, cfg, epoch, optimizer, scheduler, rngs, metrics, routed, identity)
         if dist_ctx.main:
             run_state.save_snapshots(bare, cfg, out, epoch)
             save_atomic(state, ckpt_path)

@@ -84,12 +84,15 @@ class RoutingTracker:
             idx = self._routed_indices(rows.contiguous(), weight.contiguous(), module.k)  # (N, out, k)
         self.used[name].scatter_(1, idx.transpose(0, 1).reshape(out_features, -1), True)
 
-    def never_routed(self, dist_ctx: DistContext) -> dict[str, float]:
-        out = {}
-        for name, used in self.used.items():
-            used_u8 = all_reduce(used.to(torch.uint8), dist_ctx, op="max")
-            out[name] = 1.0 - used_u8.float().mean().item()
-        return out
+    def routed_masks(self, dist_ctx: DistContext) -> dict[str, torch.Tensor]:
+        """Per layer, the bool (out, in) mask of weights selected at least once this epoch on any rank (CPU)."""
+        return {name: all_reduce(used.to(torch.uint8), dist_ctx, op="max").bool().cpu()
+                for name, used in self.used.items()}
+
+    def never_routed(self, dist_ctx: DistContext, masks: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
+        """Per layer, the share of weights never selected this epoch."""
+        masks = self.routed_masks(dist_ctx) if masks is None else masks
+        return {name: 1.0 - mask.float().mean().item() for name, mask in masks.items()}
 
     def remove(self) -> None:
         for handle in self._handles:
