@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
+import itertools
 import json
 from dataclasses import dataclass, field
 from typing import Any
@@ -189,6 +190,15 @@ class TrainConfig:
         "help": "skip images that cannot be decoded instead of stopping: each is warned, their number is "
                 "printed and stored per epoch in metrics.jsonl (skipped_images); may be added on resume"})
 
+    def __post_init__(self) -> None:
+        """Each number field holds its annotated type, whatever the source wrote: a float field given an
+        integer (YAML's `warmup_epochs: 1`, a preset's `0`) holds a float, so the same recipe has one
+        fingerprint however its numbers were spelled. Values of other types are left for `check_types`."""
+        for name in _FLOAT_FIELDS:
+            value = getattr(self, name)
+            if isinstance(value, int) and not isinstance(value, bool):
+                setattr(self, name, float(value))
+
     def resolved(self) -> TrainConfig:
         """A copy with every preset-driven field filled in and validated."""
         self.check_types()
@@ -257,8 +267,26 @@ class TrainConfig:
                 if k not in _NOT_FINGERPRINTED and not (k in _OPTIONAL and v in (None, {}))}
 
     def fingerprint(self) -> str:
-        blob = json.dumps(self.fingerprint_fields(), sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+        return _digest(self.fingerprint_fields())
+
+    def matches_fingerprint(self, stored: str | None) -> bool:
+        """Whether a run recorded with fingerprint `stored` has this recipe.
+
+        Runs recorded before float fields were coerced hashed an integral value as it was written (`1` or
+        `1.0`); every such spelling of this recipe's integral float values is accepted, so those runs
+        resume and are reused instead of being retrained.
+        """
+        if stored is None:
+            return False
+        fields = self.fingerprint_fields()
+        if stored == _digest(fields):
+            return True
+        integral = [k for k in _FLOAT_FIELDS if isinstance(fields.get(k), float) and fields[k].is_integer()]
+        for chosen in itertools.chain.from_iterable(
+                itertools.combinations(integral, n) for n in range(1, len(integral) + 1)):
+            if stored == _digest({**fields, **{k: int(fields[k]) for k in chosen}}):
+                return True
+        return False
 
     def summary(self) -> str:
         """The resolved recipe in one line, printed when a run starts."""
@@ -266,6 +294,10 @@ class TrainConfig:
                 "head_weight_decay", "schedule", "milestones", "warmup_epochs", "l1", "model_options", "amp",
                 "seed")
         return " ".join(f"{k}={getattr(self, k)}" for k in keys if getattr(self, k) not in (None, {}, ()))
+
+
+def _digest(fields: dict) -> str:
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -276,6 +308,10 @@ def _base_type(annotation: str) -> str:
     """'int | None' -> 'int'; the field types are strings under `from __future__ import annotations`."""
     parts = [p.strip() for p in annotation.split("|") if p.strip() != "None"]
     return parts[0] if len(parts) == 1 else "str"
+
+
+# Fields annotated `float`: an integer given to one is stored as a float (TrainConfig.__post_init__).
+_FLOAT_FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig) if _base_type(f.type) == "float")
 
 
 _KIND_NAMES = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string",

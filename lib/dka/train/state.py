@@ -65,7 +65,7 @@ def seed_everything(seed: int) -> None:
 
 
 def check_fingerprint(state: dict, cfg: TrainConfig, path: Path) -> None:
-    if state.get("fingerprint") == cfg.fingerprint():
+    if cfg.matches_fingerprint(state.get("fingerprint")):
         return
     stored = state.get("config", {})
     mine = cfg.fingerprint_fields()
