@@ -1,7 +1,7 @@
 # dka — one-command setup, tests, the DVC pipeline and the benchmarks.
 #   make test    create .venv (pinned deps), install dka editable, run pytest + nbval (smoke profile)
-#   make repro   dvc repro at the profile named in params.yaml (default: demo, CPU, < 30 min);
-#                make repro PROFILE=smoke|cifar-cpu|paper for another profile
+#   make repro   check params.yaml, then dvc repro of the profile named there (default: demo, CPU, < 30 min);
+#                make repro PROFILE=<name> for another profile of params.yaml (params.yaml is not edited)
 #   make bench   print the benchmark tables (never asserts timings)
 #   make lab     JupyterLab on the notebooks, with the project's kernel and the K sliders (LAB_ARGS=... to add options)
 
@@ -41,18 +41,15 @@ test-notebooks: setup
 		MPLBACKEND=Agg $(PY) -m pytest -q -p no:cacheprovider --nbval-lax --nbval-current-env notebooks; \
 	else echo "no notebooks yet"; fi
 
-# `make repro` = `dvc repro` at the profile named in params.yaml (demo). `make repro PROFILE=smoke|cifar-cpu|paper`
-# switches params.yaml's `profile:` line for the run and restores it (stage names carry the profile, so
-# each profile keeps its own dvc.lock records and nothing reruns on return). Stage commands call papermill
-# from the venv, hence PATH.
+# `make repro` = `dvc repro` of one profile's stages: the `profile:` of params.yaml, or PROFILE=<name> (any
+# profile listed in dvc.yaml's `vars: - profiles:`). `python -m dka params` first checks every profile of
+# params.yaml (exit 2 lists each problem; run it alone to check an edit) and prints that profile's stage
+# names (`01_cifar@demo` ...; dvc.yaml defines one stage per notebook and profile), so nothing runs on a
+# typo and params.yaml is never edited. Stage commands run python and papermill from the venv, hence PATH.
 repro: setup
 	@set -e; export PATH="$(CURDIR)/$(VENV)/bin:$$PATH"; \
-	if [ -n "$(PROFILE)" ]; then \
-		grep -q '^$(PROFILE):' params.yaml || { echo "no profile '$(PROFILE)' in params.yaml"; exit 2; }; \
-		cp params.yaml .params.yaml.orig; trap 'mv -f .params.yaml.orig params.yaml' EXIT INT TERM; \
-		sed -e 's/^profile: .*/profile: $(PROFILE)/' .params.yaml.orig > params.yaml; \
-	fi; \
-	dvc repro
+	stages=$$($(PY) -m dka params --stages $(if $(PROFILE),--profile '$(PROFILE)')); \
+	dvc repro $$stages
 
 bench: setup
 	$(PY) bench/layers.py

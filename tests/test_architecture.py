@@ -16,7 +16,7 @@ LIB = Path(dka.__file__).resolve().parent
 
 # Lowest first. A module belongs to the first layer one of whose prefixes it starts with.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("base", ("dka._compat", "dka.atomic", "dka.progress", "dka.paper", "dka.checkpoint")),
+    ("base", ("dka._compat", "dka.atomic", "dka.dirlock", "dka.progress", "dka.paper", "dka.checkpoint")),
     ("core", ("dka._core",)),
     ("kernels", ("dka.kernels",)),
     ("layers", ("dka.layers",)),
@@ -28,7 +28,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
                   "dka.comparison", "dka.evaluation", "dka.baselines", "dka.summaries", "dka.posthoc",
                   "dka.related")),
     ("presentation", ("dka.results", "dka.plots", "dka.report")),
-    ("application", ("dka.cli", "dka.experiments", "dka.__main__")),
+    ("application", ("dka.cli", "dka.experiments", "dka.profiles", "dka.pipeline", "dka.__main__")),
 ]
 
 

@@ -106,3 +106,28 @@ def test_convert_maps_plain_fc_and_unwrapped_dicts():
     state = {"fc.weight": torch.zeros(2, 3), "fc.bias": torch.zeros(2), "conv1.weight": torch.ones(1)}
     converted = convert_authors_state_dict(state)
     assert set(converted) == {"head.weight", "head.bias", "conv1.weight"}
+
+
+def test_load_model_reads_the_resumable_checkpoint_too(tmp_path):
+    """The docstring accepts checkpoint.pt (model payload plus optimiser, RNG, metrics): it must load."""
+    torch.manual_seed(0)
+    model = models.build("res18-d3a", 4, stem="cifar", width=4).eval()
+    save_atomic(model_payload(model, 2, fingerprint="f", config={}, optimizer={"state": {}}, rng=[],
+                              metrics=[{"epoch": 1}]), tmp_path / "checkpoint.pt")
+    loaded = load_model(tmp_path / "checkpoint.pt")
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+
+
+@pytest.mark.parametrize("cut", [0, 100, 0.5])
+def test_a_truncated_checkpoint_is_called_truncated(tmp_path, cut):
+    """Not "re-save it as a state_dict", which suggests the file holds the wrong objects."""
+    model = models.build("res18", 4, stem="cifar", width=4)
+    path = save_atomic(model_payload(model, 1), tmp_path / "final.pt")
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * cut) if isinstance(cut, float) else cut])
+    for load in (load_checkpoint, load_model):
+        with pytest.raises(RuntimeError, match=r"final\.pt is truncated or is not a PyTorch checkpoint") as info:
+            load(path)
+        assert "re-save" not in str(info.value) and "re-run the command that wrote it" in str(info.value)

@@ -444,3 +444,43 @@ def test_cli_writes_tally(scenes_smoke, tmp_path):
     assert len(nd) == model.num_features and not nd.filter(like="label").isin(["-"]).any().any()
     nd_thr = pd.read_csv(tmp_path / "nd" / "thresholds.csv")["threshold"].to_numpy()
     assert not np.array_equal(nd_thr, thr["threshold"].to_numpy())  # NetDissect-Lite's sketch, not numpy's quantile
+
+
+def test_feature_scratch_file_has_no_name_so_a_kill_leaves_nothing(tmp_path):
+    """The memmap store used to be a named file in --out (6 GB at Broden scale) that SIGKILL left behind."""
+    store = D.FeatureStore(10, (3, 2, 2), memory_budget=0, cache_dir=tmp_path)
+    assert not store.in_memory
+    x = torch.arange(10 * 12, dtype=torch.float32).view(10, 3, 2, 2)
+    store.append(x[:6])
+    store.append(x[6:])
+    assert list(tmp_path.iterdir()) == []  # unnamed while in use: the kernel frees it with the process
+    assert torch.equal(store.batch(0, 10), x)
+    store.close()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_checks_arguments_before_out_and_cleans_leftovers(scenes_smoke, tmp_path, capsys):
+    from dka.checkpoint import model_payload, save_atomic
+    from dka.dirlock import exclusive
+    from dka.models import build
+
+    save_atomic(model_payload(build("res18", num_classes=4, stem="cifar", width=4)), tmp_path / "final.pt")
+    out = tmp_path / "new" / "dissect"
+    base = ["--checkpoint", str(tmp_path / "final.pt"), "--data", str(scenes_smoke), "--out", str(out),
+            "--workers", "0", "--device", "cpu"]
+    for extra, message in ((["--layer", "layer5"], "no module 'layer5'"),
+                           (["--categories", "colour"], "categories ['colour'] are not in"),
+                           (["--batch-size", "0"], "--batch-size must be >= 1")):
+        with pytest.raises(SystemExit) as info:
+            dissect_main([*base, *extra])
+        assert info.value.code == 2 and message in capsys.readouterr().err
+        assert not (tmp_path / "new").exists()
+    out.mkdir(parents=True)
+    leftovers = [out / ".tally.csv.abcd1234.tmp", out / "dka-features-x1y2z3.f32"]  # what a killed run left
+    for path in leftovers:
+        path.write_bytes(b"\0" * 64)
+    with exclusive(out):
+        with pytest.raises(RuntimeError, match="holds its lock"):
+            dissect_main(base)
+    assert dissect_main(base) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["tally.csv", "thresholds.csv"]

@@ -106,3 +106,70 @@ def test_spatial_map_sums_to_the_explained_score(models, images):
         a = E.attribute(model, images)
         torch.testing.assert_close(a.spatial.sum(dim=(1, 2)), a.score - a.bias, rtol=1e-4, atol=1e-4)
         assert a.pixel_map((16, 16)).shape == (4, 16, 16)
+
+
+# ------------------------------------------------------------------ the command line (issue 15, item 4)
+
+
+def _cifar_tree(root, per_class=1):
+    import numpy as np
+    from PIL import Image
+
+    from dka.data import cifar
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for name in cifar.CLASSES:
+            (root / split / name).mkdir(parents=True)
+            for k in range(per_class):
+                Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(root / split / name / f"{k}.png")
+    return root
+
+
+def test_cli_refuses_a_checkpoint_tally_or_dataset_that_do_not_belong_together(tmp_path, capsys):
+    from dka.checkpoint import model_payload, save_atomic
+    from dka.cli.explain import main as explain_main
+    from dka.data import cifar
+    from dka.dissection import tally_columns
+
+    data = _cifar_tree(tmp_path / "cifar")
+    save_atomic(model_payload(build("res18-d3a", num_classes=4, stem="cifar", width=4)), tmp_path / "four.pt")
+    ten = build("res18-d3a", num_classes=10, stem="cifar", width=4)
+    save_atomic(model_payload(ten), tmp_path / "ten.pt")
+    other = list(cifar.CLASSES)[::-1]  # trained on 10 classes, but in another order
+    save_atomic(model_payload(ten, dataset={"class_names": other}), tmp_path / "shuffled.pt")
+    units = ten.head.weight.shape[1]
+    tally = pd.DataFrame([[u, "color", "red", 0.1] + [0] * 25 for u in range(1, 2 * units + 1)],
+                         columns=tally_columns())
+    tally.to_csv(tmp_path / "tally.csv", index=False)
+    base = ["--dataset", "cifar10", "--data", str(data), "--count", "4", "--out", str(tmp_path / "r" / "report.html")]
+    for extra, message in (
+        (["--checkpoint", str(tmp_path / "four.pt")], "is a 4-class model but cifar10 at"),
+        (["--checkpoint", str(tmp_path / "shuffled.pt")], "trained on other classes than cifar10"),
+        (["--checkpoint", str(tmp_path / "ten.pt"), "--tally", str(tmp_path / "tally.csv")],
+         f"does not fit --checkpoint {tmp_path / 'ten.pt'}: the tally covers {2 * units} units"),
+    ):
+        with pytest.raises(SystemExit) as info:
+            explain_main([*base, *extra])
+        assert info.value.code == 2 and message in capsys.readouterr().err
+        assert not (data / ".dka_cache").exists()  # refused before the dataset was decoded
+        assert not (tmp_path / "r").exists()
+    assert explain_main([*base, "--checkpoint", str(tmp_path / "ten.pt")]) == 0
+    assert (tmp_path / "r" / "report.html").is_file()
+
+
+def test_cli_skip_corrupt_reports_the_skipped_images(tmp_path, capsys):
+    from dka.checkpoint import model_payload, save_atomic
+    from dka.cli.explain import main as explain_main
+
+    data = _cifar_tree(tmp_path / "cifar")
+    bad = data / "test" / "bird" / "0.png"
+    bad.write_bytes(bad.read_bytes()[:40])
+    save_atomic(model_payload(build("res18", num_classes=10, stem="cifar", width=4)), tmp_path / "ten.pt")
+    argv = ["--checkpoint", str(tmp_path / "ten.pt"), "--dataset", "cifar10", "--data", str(data), "--count", "4",
+            "--out", str(tmp_path / "report.html")]
+    with pytest.raises(Exception, match=r"bird/0\.png.*--skip-corrupt"):
+        explain_main(argv)
+    with pytest.warns(RuntimeWarning, match=r"skipped 1 corrupt image"):
+        assert explain_main([*argv, "--skip-corrupt"]) == 0
+    assert "--skip-corrupt: 1 test image(s) could not be decoded" in capsys.readouterr().out

@@ -18,7 +18,7 @@ import pytest
 import torch
 import yaml
 
-from dka import data, experiments, models, train
+from dka import data, experiments, models, pipeline, profiles, train
 
 ROOT = Path(__file__).resolve().parents[1]
 PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text())
@@ -29,16 +29,7 @@ ALL_STAGES = DVC["stages"]
 STAGES = {name: stage for name, stage in ALL_STAGES.items() if name != "claims"}
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 # What each notebook reads from its profile section (a missing key would fail only at run time).
-SECTION_KEYS = {
-    "runtime": {"device", "workers", "amp", "fresh_runs", "nproc_per_node"},
-    "cifar": {"dataset", "root", "models", "train", "slider_default"},
-    "places": {"dataset", "root", "models", "train", "overrides", "slider_default"},
-    "dissect": {"broden_root", "caffe", "rules", "split", "layer", "batch_size", "models", "over_training",
-                "iou_threshold", "top_units", "weight_share", "max_concepts", "graph_classes", "reference_tally"},
-    "explain": {"models", "num_images", "top_units", "seed"},
-    "internal": {"dataset", "root", "models", "train", "dissect_batch_size", "weight_share", "max_concepts"},
-    "related": {"dataset", "root", "models", "train", "seeds", "posthoc", "eval_images", "example_images"},
-}
+SECTION_KEYS = {section: set(keys) - profiles.OPTIONAL.get(section, set()) for section, keys in profiles.SECTIONS.items()}
 TRAINED = ("cifar", "places", "internal", "related")
 
 
@@ -61,24 +52,32 @@ def test_default_profile_is_demo_and_profiles_are_complete():
         assert ("seed" in runtime) != ("seeds" in runtime), f"{profile}.runtime needs one of seed / seeds"
 
 
-def test_every_stage_runs_its_notebook_at_the_templated_profile():
+def test_every_stage_runs_its_notebook_at_every_profile():
     assert sorted(STAGES) == sorted(nb.stem for nb in NOTEBOOKS)
+    assert DVC["vars"] == [{"profiles": PROFILES}], "dvc.yaml's profiles must be params.yaml's profile sections"
     for name, stage in STAGES.items():
-        assert stage["foreach"] == ["${profile}"], name
+        assert stage["foreach"] == "${profiles}", name
         do = stage["do"]
         notebook = f"notebooks/{name}.ipynb"
         assert (ROOT / notebook).is_file()
-        cmd = " ".join(do["cmd"].split())
-        # the notebook's output streams to the terminal; recorded notebooks carry no dead slider widgets
-        assert f"DKA_WIDGETS=0 papermill --log-output --cwd notebooks {notebook} results/${{item}}/{name}/{name}.ipynb" in cmd
-        assert cmd.endswith("-p profile ${item}")
+        assert do["cmd"] == f"python -m dka stage {name} --profile ${{item}}"
         assert notebook in do["deps"] and "lib/dka" in do["deps"]
         outs = [next(iter(o)) if isinstance(o, dict) else o for o in do["outs"]]
         results = f"results/${{item}}/{name}"
         assert results in outs
-        assert {"cache": False} in [o[results] for o in do["outs"] if isinstance(o, dict) and results in o]
+        # committed results: not in DVC's cache, and not deleted by DVC before the stage runs
+        assert {"cache": False, "persist": True} in [o[results] for o in do["outs"] if isinstance(o, dict) and results in o]
         for out in outs:
             assert out.startswith(("results/${item}/", "runs/${item}/")), out
+    assert pipeline.notebook_command("02_places_sweep", "demo")[1:] == [
+        "-m", "papermill", "--log-output", "--cwd", "notebooks", "notebooks/02_places_sweep.ipynb",
+        "results/demo/02_places_sweep/02_places_sweep.ipynb", "-p", "profile", "demo"]
+    assert pipeline.NOTEBOOK_ENV == {"DKA_WIDGETS": "0"}  # recorded notebooks carry no dead slider widgets
+
+
+def test_params_yaml_passes_its_own_check():
+    params, selected = profiles.check_params(ROOT / "params.yaml")
+    assert selected == "demo" and profiles.profile_names(params) == PROFILES
 
 
 def test_stage_params_exist_in_every_profile():
@@ -184,7 +183,9 @@ def test_dvc_resolves_the_templated_stages():
     out = subprocess.run([dvc, "stage", "list"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     names = [line.split()[0] for line in out.stdout.splitlines() if line.strip()]
-    assert names == [f"{stage}@{PARAMS['profile']}" for stage in ALL_STAGES]
+    assert names == [f"{stage}@{profile}" for stage in ALL_STAGES for profile in PROFILES]
+    for profile in PROFILES:  # what `make repro PROFILE=...` reproduces
+        assert pipeline.stage_names(ROOT, profile) == [f"{stage}@{profile}" for stage in ALL_STAGES]
 
 
 def test_claims_stage_reads_every_notebook_that_records_claims():

@@ -177,22 +177,23 @@ _EARLIER_FINGERPRINTS = [
 def test_optional_fields_at_their_neutral_value_keep_earlier_fingerprints(fields, fingerprint):
     """A new optional field at its neutral value is absent from the fingerprint, so earlier runs resume."""
     cfg = train.TrainConfig(out="x", **fields)
-    assert cfg.resolved().fingerprint() == fingerprint
+    # matches_fingerprint: runs recorded before float fields were coerced hashed a preset's `1` as an int
+    assert cfg.resolved().matches_fingerprint(fingerprint)
     # stating a neutral value explicitly is the same run ...
     explicit = dict(optimizer="sgd", loss="cross-entropy")
     if "model_options" not in fields:
         explicit["model_options"] = {}
     if "head_weight_decay" not in fields:
         explicit["head_weight_decay"] = None
-    assert train.TrainConfig(out="y", **fields, **explicit).resolved().fingerprint() == fingerprint
+    assert train.TrainConfig(out="y", **fields, **explicit).resolved().matches_fingerprint(fingerprint)
     names = cfg.resolved().fingerprint_fields()
     assert "optimizer" not in names and "loss" not in names
     # ... and a non-neutral value is another run
     for change in (dict(optimizer="adam"), dict(loss="bce")):
         other = train.TrainConfig(out="x", **fields, **change).resolved()
-        assert other.fingerprint() != fingerprint and set(change) <= set(other.fingerprint_fields())
+        assert not other.matches_fingerprint(fingerprint) and set(change) <= set(other.fingerprint_fields())
     if "head_weight_decay" not in fields:  # 0.0 is a setting, not the neutral None
-        assert train.TrainConfig(out="x", head_weight_decay=0.0, **fields).resolved().fingerprint() != fingerprint
+        assert not train.TrainConfig(out="x", head_weight_decay=0.0, **fields).resolved().matches_fingerprint(fingerprint)
 
 
 def test_l1_penalty_shrinks_the_head(tmp_path):
@@ -357,3 +358,240 @@ def test_cli_trains_on_generated_scenes_smoke(tmp_path):
     assert model.build_kwargs["name"] == "res18-d5a" and model.head.k == 5
     assert train_main(argv) == 0  # finished: returns the stored result
     assert [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()] == metrics
+
+
+# ------------------------------------------------------------------------------------------ reliability (issue 15)
+
+
+def test_final_pt_is_written_from_the_run_just_finished(tmp_path):
+    """Deleting checkpoint.pt and retraining with another lr used to keep the old final.pt."""
+    out = tmp_path / "run"
+    train.run(tiny_config(out, model="res18", epochs=1), bundle=tiny_bundle())
+    (out / "checkpoint.pt").unlink()
+    train.run(tiny_config(out, model="res18", epochs=1, lr=0.3), bundle=tiny_bundle())
+    final = load_checkpoint(out / "final.pt")
+    assert final["config"]["lr"] == 0.3
+    assert final["fingerprint"] == load_checkpoint(out / "checkpoint.pt")["fingerprint"]
+    assert torch.equal(final["state_dict"]["head.weight"], load_checkpoint(out / "checkpoint.pt")["state_dict"]["head.weight"])
+
+
+def test_a_second_process_on_the_run_directory_fails_naming_the_holder(tmp_path):
+    from dka.dirlock import LOCK_NAME, DirectoryBusy, exclusive
+
+    out = tmp_path / "run"
+    with exclusive(out):  # another open file description: conflicts like another process would
+        with pytest.raises(DirectoryBusy, match=rf"process {os.getpid()} holds its lock.*choose another output"):
+            train.run(tiny_config(out, model="res18", epochs=1), bundle=tiny_bundle())
+        assert sorted(os.listdir(out)) == [LOCK_NAME]  # nothing was written by the refused run
+    result = train.run(tiny_config(out, model="res18", epochs=1), bundle=tiny_bundle())
+    assert result.final_path.is_file() and LOCK_NAME not in os.listdir(out)  # released, file removed
+
+
+def test_resume_on_other_data_names_what_differs(tmp_path):
+    out = tmp_path / "run"
+
+    def stop_in_epoch_2(steps):
+        if steps == 5:  # 4 steps per epoch: checkpoint 1 is written
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train.run(tiny_config(out, model="res18"), bundle=tiny_bundle(), on_step=stop_in_epoch_2)
+    assert load_checkpoint(out / "checkpoint.pt")["dataset"]["train_size"] == 96
+    with pytest.raises(ValueError, match=r"trained on other data.*train_digest: \w+ \(stored\) vs \w+ \(now\)"):
+        train.run(tiny_config(out, model="res18"), bundle=tiny_bundle(seed=1))  # same sizes, other images
+    with pytest.raises(ValueError, match=r"train_size: 96 \(stored\) vs 80 \(now\)"):
+        train.run(tiny_config(out, model="res18"), bundle=tiny_bundle(n_train=80))
+    result = train.run(tiny_config(out, model="res18"), bundle=tiny_bundle())  # the original data resumes
+    assert [m["epoch"] for m in result.metrics] == [1, 2]
+    assert load_checkpoint(out / "final.pt")["dataset"]["num_classes"] == 4
+
+
+def test_temp_files_of_a_killed_run_are_removed_at_the_next_start(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    stale = [out / ".checkpoint.pt.k3x9_a2b.tmp", out / ".metrics.jsonl.zz0000aa.tmp"]
+    for path in stale:
+        path.write_bytes(b"\0" * 1024)  # what SIGKILL during save_atomic leaves
+    (out / "notes.tmp").write_text("not ours")
+    train.run(tiny_config(out, model="res18", epochs=1), bundle=tiny_bundle())
+    assert not any(p.exists() for p in stale)
+    assert (out / "notes.tmp").exists()
+
+
+def test_bad_arguments_fail_before_data_or_disk_are_touched(tmp_path, monkeypatch, capsys):
+    import dka.train.loop as loop
+
+    def no_data(*args, **kwargs):
+        raise AssertionError("the dataset was loaded before the arguments were checked")
+
+    monkeypatch.setattr(loop, "build_loaders", no_data)
+    out = tmp_path / "new" / "run"
+    base = ["--data", "scenes-smoke", "--data-root", str(tmp_path / "scenes"), "--out", str(out), "--no-progress"]
+    cases = [
+        (["--model", "res18-d5x", *base], "res18-d5x"),                                  # bad model name
+        (["--model", "res18-d999a", "--width", "4", *base], "999"),                      # K larger than the head
+        (["--model", "res18", "--data", "cifar10", "--out", str(out)], "--data-root"),   # missing data root
+        (["--model", "res18", "--data", "cifar10", "--data-root", str(tmp_path / "none"), "--out", str(out)],
+         "does not exist"),
+        (["--model", "res18", "--data", "imagenet", "--data-root", str(tmp_path), "--out", str(out)], "valid names"),
+    ]
+    for argv, message in cases:
+        with pytest.raises(SystemExit) as info:
+            train_main(argv)
+        assert info.value.code == 2
+        assert message in capsys.readouterr().err
+        assert not (tmp_path / "new").exists(), argv  # no empty folder left behind
+    monkeypatch.setattr(loop, "build_loaders", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("decode failed")))
+    with pytest.raises(RuntimeError, match="decode failed"):
+        train.run(tiny_config(out, data="scenes-smoke", data_root=str(tmp_path / "scenes")))
+    assert not (tmp_path / "new").exists()  # a run that failed before writing anything removes its folders
+
+
+def _read_only(path: Path, script: str) -> subprocess.CompletedProcess:
+    """Run `script` (Python) with `path` read-only: a private read-only bind mount for root, chmod otherwise."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "lib") + os.pathsep + str(ROOT / "tests")}
+    if os.geteuid() == 0:
+        import shutil
+
+        if shutil.which("unshare") is None:
+            pytest.skip("root without unshare: cannot make a read-only view")
+        argv = ["unshare", "-m", "sh", "-c", 'mount --bind -o ro "$0" "$0" && exec "$1" -c "$2"', str(path),
+                sys.executable, script]
+        probe = subprocess.run(["unshare", "-m", "true"], capture_output=True)
+        if probe.returncode != 0:
+            pytest.skip("cannot create a mount namespace here")
+        return subprocess.run(argv, capture_output=True, text=True, env=env, timeout=120)
+    for p in [path, *path.iterdir()]:
+        p.chmod(0o555 if p.is_dir() else 0o444)
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+
+
+def test_finished_run_returns_in_a_read_only_folder(tmp_path):
+    out = tmp_path / "run"
+    first = train.run(tiny_config(out, model="res18", epochs=1), bundle=tiny_bundle())
+    before = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.iterdir()}
+    script = textwrap.dedent(f"""
+        import json
+        from test_train import tiny_config
+        from dka import train
+        result = train.run(tiny_config({str(out)!r}, model="res18", epochs=1))
+        print(json.dumps(result.metrics))
+    """)
+    done = _read_only(out, script)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == first.metrics
+    assert {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.iterdir()} == before
+
+
+def test_resumed_run_with_skip_corrupt_gets_past_a_corrupt_jpeg(tmp_path):
+    """A corrupt Places365 JPEG crashed the same epoch on every resume; --skip-corrupt may be added on resume."""
+    from PIL import Image
+
+    root = tmp_path / "places365_standard"
+    rng = torch.Generator().manual_seed(0)
+    for split, count in (("train", 4), ("val", 2)):
+        for folder in ("airfield", "alley", "arena-hockey"):
+            (root / split / folder).mkdir(parents=True)
+            for k in range(count):
+                pixels = torch.randint(0, 256, (24, 24, 3), generator=rng, dtype=torch.uint8).numpy()
+                Image.fromarray(pixels).save(root / split / folder / f"{k:08d}.jpg")
+    cfg = dict(model="res18", data="places365", data_root=str(tmp_path), batch_size=4, width=4, epochs=2,
+               max_steps_per_epoch=None, max_eval_steps=None)
+    out = tmp_path / "run"
+
+    def stop_in_epoch_2(steps):
+        if steps == 4:  # 12 training images, batch 4: 3 steps per epoch
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train.run(tiny_config(out, **cfg), on_step=stop_in_epoch_2)
+    bad = root / "train" / "alley" / "00000001.jpg"
+    bad.write_bytes(bad.read_bytes()[:100])
+    with pytest.raises(Exception, match=r"00000001\.jpg.*--skip-corrupt"):
+        train.run(tiny_config(out, **cfg))
+    with pytest.warns(RuntimeWarning, match="skipped: cannot decode"):
+        result = train.run(tiny_config(out, **cfg, skip_corrupt=True))
+    assert [m["epoch"] for m in result.metrics] == [1, 2]
+    assert "skipped_images" not in result.metrics[0]  # epoch 1 ran before the file broke, without the flag
+    assert result.metrics[1]["skipped_images"] == 1
+
+
+def test_skip_corrupt_on_the_cli_is_counted_in_log_and_metrics(tmp_path, capsys):
+    from PIL import Image
+
+    root = tmp_path / "cifar"
+    rng = torch.Generator().manual_seed(0)
+    for split in ("train", "test"):
+        for name in ("cat", "dog"):
+            (root / split / name).mkdir(parents=True)
+            for k in range(12):
+                pixels = torch.randint(0, 256, (32, 32, 3), generator=rng, dtype=torch.uint8).numpy()
+                Image.fromarray(pixels).save(root / split / name / f"{k:04d}.png")
+    bad = root / "train" / "cat" / "0003.png"
+    bad.write_bytes(bad.read_bytes()[:50])
+    def argv(out, *extra):
+        return ["--model", "res18", "--data", "cifar10", "--data-root", str(root), "--preset", "smoke", "--width", "4",
+                "--batch-size", "8", "--out", str(out), "--no-progress", "--threads", "1", "--no-amp", *extra]
+
+    with pytest.raises(Exception, match=r"0003\.png.*--skip-corrupt"):
+        train_main(argv(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+    for attempt in range(2):  # the second run reuses the decode cache: the warning and the count stay
+        out = tmp_path / f"run{attempt}"
+        with pytest.warns(RuntimeWarning, match=r"skipped 1 corrupt image\(s\) of 24.*0003\.png"):
+            assert train_main(argv(out, "--skip-corrupt")) == 0
+        log = capsys.readouterr().out
+        assert "--skip-corrupt: 1 image(s) could not be decoded and are left out" in log and "0003.png" in log
+        assert "| skipped 1 undecodable" in log
+        metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        assert [m["skipped_images"] for m in metrics] == [1, 1]
+
+
+def _cifar_cpu_recipe(**changes) -> train.TrainConfig:
+    """The cifar-cpu profile's res18-d5a recipe (params.yaml), resolved."""
+    fields = dict(model="res18-d5a", data="cifar10", out="unused", preset="demo", width=16, epochs=12, lr=0.1,
+                  warmup_epochs=1.0, head_weight_decay=3.25e-3)
+    return train.TrainConfig(**{**fields, **changes}).resolved()
+
+
+def test_integer_and_float_spellings_of_a_recipe_have_one_fingerprint():
+    # YAML reads `warmup_epochs: 1` as an int and `1.0` as a float: one recipe, one fingerprint (a finished
+    # run must not be retrained because a profile spelled a number differently)
+    as_int, as_float = _cifar_cpu_recipe(warmup_epochs=1), _cifar_cpu_recipe(warmup_epochs=1.0)
+    assert as_int.warmup_epochs == 1.0 and isinstance(as_int.warmup_epochs, float)
+    assert as_int.fingerprint() == as_float.fingerprint()
+    assert isinstance(train.TrainConfig(model="res18", data="cifar10", out="x", lr=1).lr, float)
+    # every float-annotated field is coerced, nothing else
+    assert train.config._FLOAT_FIELDS == ("lr", "momentum", "weight_decay", "head_weight_decay", "gamma",
+                                          "warmup_epochs", "l1")
+    with pytest.raises(TypeError, match="epochs: expected an integer"):
+        train.TrainConfig(model="res18", data="cifar10", out="x", epochs=5.5).resolved()
+
+
+def test_recorded_fingerprints_stay_valid():
+    # measured with the code before the coercion (main at 1209c32): a run recorded with warmup_epochs 1.0
+    # keeps its fingerprint; one recorded with the integer 1 is still recognised as the same recipe
+    float_recorded, int_recorded = "c20d9e0455e60e00", "2103c1897f180c11"
+    cfg = _cifar_cpu_recipe(warmup_epochs=1)
+    assert cfg.fingerprint() == float_recorded
+    assert cfg.matches_fingerprint(float_recorded) and cfg.matches_fingerprint(int_recorded)
+    assert not _cifar_cpu_recipe(warmup_epochs=2).matches_fingerprint(int_recorded)
+    assert not cfg.matches_fingerprint(None)
+
+
+def test_a_run_recorded_with_an_integer_float_field_resumes_without_retraining(tmp_path):
+    cfg = tiny_config(tmp_path / "run", epochs=1)
+    train.run(cfg, bundle=tiny_bundle())
+    ckpt = tmp_path / "run" / "checkpoint.pt"
+    resolved = cfg.resolved()
+    # the stored fingerprints as the old code computed them from the integer spelling `warmup_epochs: 0`
+    legacy = train.config._digest({**resolved.fingerprint_fields(), "warmup_epochs": 0})
+    assert legacy != resolved.fingerprint()
+    for path in (ckpt, tmp_path / "run" / "final.pt"):
+        payload = load_checkpoint(path)
+        torch.save({**payload, "fingerprint": legacy}, path)
+    state = load_checkpoint(ckpt)
+    before = (tmp_path / "run" / "final.pt").stat().st_mtime_ns
+    result = train.run(cfg)  # data "tiny" does not exist: retraining would fail while loading it
+    assert result.metrics == state["metrics"]
+    assert (tmp_path / "run" / "final.pt").stat().st_mtime_ns == before  # the finished run was reused

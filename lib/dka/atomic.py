@@ -2,17 +2,23 @@
 
 `os.replace` is atomic within one filesystem, so a reader (or a resumed run) sees the old file or
 the new one, never a half-written checkpoint, tally, table, figure or report. Every writer in dka
-goes through `atomic_write`.
+goes through `atomic_write`. A writer killed mid-write (SIGKILL runs no cleanup) leaves its temp file;
+`remove_stale_temps` deletes those at the next start of the command, which holds the directory's lock
+(`dka.dirlock`), so no live writer's file is touched.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["atomic_write", "write_text"]
+__all__ = ["atomic_write", "write_text", "remove_stale_temps"]
+
+# What `atomic_write` names its temp files: mkstemp(prefix=".<name>.", suffix=".tmp") adds 8 characters.
+_TEMP_NAME = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
 
 
 def _umask() -> int:
@@ -53,3 +59,19 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
     with atomic_write(path) as handle:
         handle.write(text)
     return Path(path)
+
+
+def remove_stale_temps(directory: str | os.PathLike) -> list[Path]:
+    """Delete the temp files `atomic_write` left in `directory` (not below it); returns what was deleted.
+
+    Call it only while no other process writes there (hold `dka.dirlock.exclusive(directory)`).
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    removed = []
+    for path in directory.iterdir():
+        if _TEMP_NAME.match(path.name) and path.is_file():
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed

@@ -18,6 +18,7 @@ This module reads and writes files only; it never imports the model registry (`d
 from __future__ import annotations
 
 import os
+import pickle
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -57,11 +58,30 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
         )
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:  # corrupt file or a pickle with arbitrary objects
+    except Exception as err:
+        if _refused_object(err):
+            raise RuntimeError(
+                f"could not load {path} with weights_only=True ({err}); dka only reads checkpoints "
+                "holding tensors and plain containers — re-save it as a state_dict"
+            ) from err
         raise RuntimeError(
-            f"could not load {path} with weights_only=True ({err}); dka only reads checkpoints "
-            "holding tensors and plain containers — re-save it as a state_dict"
+            f"{path} is truncated or is not a PyTorch checkpoint ({path.stat().st_size} bytes; "
+            f"{type(err).__name__}: {_first_sentence(err)}). dka "
+            "writes checkpoints atomically, so a cut file comes from a copy, a download or a full disk: copy it "
+            "again, or delete it and re-run the command that wrote it (a training run without checkpoint.pt "
+            "starts from scratch)"
         ) from err
+
+
+def _first_sentence(err: Exception) -> str:
+    text = " ".join(str(err).split())
+    return text.split(". ", 1)[0].rstrip(".") if text else "unexpected end of file"
+
+
+def _refused_object(err: Exception) -> bool:
+    """Whether torch.load refused a pickled object that is not a tensor or plain container."""
+    text = str(err)
+    return isinstance(err, pickle.UnpicklingError) and ("allowed global" in text or "Unsupported global" in text)
 
 
 def strip_wrapper_prefixes(state_dict: Mapping[str, Any]) -> dict[str, Any]:

@@ -17,6 +17,8 @@ COMMANDS = {
     "explain": ("dka.cli.explain", "per-image explanations -> self-contained HTML report"),
     "data": ("dka.cli.data", "generate concept scenes, download real datasets"),
     "claims": ("dka.cli.claims", "gather a profile's claim measurements into results/<profile>/claims.md"),
+    "params": ("dka.cli.params", "check every profile of params.yaml (make repro runs it first)"),
+    "stage": ("dka.cli.stage", "run one notebook stage of the DVC pipeline, keeping its results if it fails"),
 }
 
 

@@ -55,8 +55,9 @@ def folder_samples(split_dir: Path) -> tuple[list[Path], np.ndarray, list[str]]:
     return paths, np.asarray(labels, np.int64), classes
 
 
-def load_split(root: str | Path, split: str, skip_corrupt: bool = False) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """(uint8 images (N, 32, 32, 3), labels, class names) of split 'train' or 'test'."""
+def load_split(root: str | Path, split: str,
+               skip_corrupt: bool = False) -> tuple[np.ndarray, np.ndarray, list[str], list[str]]:
+    """(uint8 images (N, 32, 32, 3), labels, class names, skipped files) of split 'train' or 'test'."""
     if split not in ("train", "test"):
         raise ValueError(f"CIFAR-10 split must be 'train' or 'test', got {split!r}")
     root = Path(root).expanduser()
@@ -69,18 +70,18 @@ def load_split(root: str | Path, split: str, skip_corrupt: bool = False) -> tupl
             ds = torchvision.datasets.CIFAR10(str(base), train=split == "train", download=False)
         except RuntimeError as err:  # torchvision's integrity check failed
             raise FileNotFoundError(f"CIFAR-10 at {base} is incomplete or corrupt ({err}); {how_to_get(base)}") from err
-        return np.asarray(ds.data, np.uint8), np.asarray(ds.targets, np.int64), list(ds.classes)
+        return np.asarray(ds.data, np.uint8), np.asarray(ds.targets, np.int64), list(ds.classes), []
     paths, labels, classes = folder_samples(root / split)
-    images, labels = cached_decode(root, f"cifar10-{split}", paths, labels, skip_corrupt=skip_corrupt)
-    return images, labels, classes
+    images, labels, skipped = cached_decode(root, f"cifar10-{split}", paths, labels, skip_corrupt=skip_corrupt)
+    return images, labels, classes, skipped
 
 
 def datasets(root: str | Path, augment: bool = True, skip_corrupt: bool = False):
     """(train, test, class names) as InMemoryImages with CIFAR-10 normalisation."""
-    train_x, train_y, classes = load_split(root, "train", skip_corrupt)
-    test_x, test_y, test_classes = load_split(root, "test", skip_corrupt)
+    train_x, train_y, classes, train_skipped = load_split(root, "train", skip_corrupt)
+    test_x, test_y, test_classes, test_skipped = load_split(root, "test", skip_corrupt)
     if test_classes != classes:
         raise ValueError(f"train and test class folders differ in {root}: {classes} vs {test_classes}")
-    train = InMemoryImages(train_x, train_y, MEAN, STD, augment=augment, pad=4)
-    test = InMemoryImages(test_x, test_y, MEAN, STD, augment=False)
+    train = InMemoryImages(train_x, train_y, MEAN, STD, augment=augment, pad=4, skipped=train_skipped)
+    test = InMemoryImages(test_x, test_y, MEAN, STD, augment=False, skipped=test_skipped)
     return train, test, classes

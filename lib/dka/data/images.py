@@ -21,11 +21,13 @@ from torch.utils.data import Dataset
 from dka.atomic import atomic_write
 
 __all__ = ["InMemoryImages", "CorruptImageError", "load_rgb", "decode_files", "cached_decode", "pass_batch",
-           "IMAGENET_MEAN", "IMAGENET_STD", "CACHE_DIR"]
+           "IMAGENET_MEAN", "IMAGENET_STD", "CACHE_DIR", "SKIP_HINT"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CACHE_DIR = ".dka_cache"
+SKIP_HINT = ("--skip-corrupt (python -m dka train / explain; it may be added when resuming a run) or "
+             "skip_corrupt=True (dka.data.build_loaders)")
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, UnidentifiedImageError, Image.DecompressionBombError)
 
 
@@ -42,8 +44,8 @@ def load_rgb(path: str | os.PathLike) -> np.ndarray:
     except FileNotFoundError:
         raise
     except _DECODE_ERRORS as err:
-        raise CorruptImageError(f"cannot decode image {path}: {err}. Re-extract or re-download the dataset "
-                                "(or pass skip_corrupt=True to skip and count such files)") from err
+        raise CorruptImageError(f"cannot decode image {path}: {err}. Re-extract or re-download the dataset, or "
+                                f"skip and count such files: {SKIP_HINT}") from err
 
 
 def decode_files(paths: list[Path], expected_hw: tuple[int, int] | None = None, skip_corrupt: bool = False,
@@ -68,8 +70,7 @@ def decode_files(paths: list[Path], expected_hw: tuple[int, int] | None = None, 
             continue
         images.append(img)
         kept.append(i)
-    if skipped:
-        warnings.warn(f"skipped {len(skipped)} corrupt image(s) of {len(paths)}", RuntimeWarning, stacklevel=2)
+    _warn_skipped(skipped, len(paths), "")
     if not images:
         raise CorruptImageError(f"no decodable image among {len(paths)} files (first: {paths[0] if paths else None})")
     return np.stack(images), np.asarray(kept, np.int64), skipped
@@ -83,43 +84,54 @@ def _files_key(root: Path, paths: list[Path]) -> str:
     return digest.hexdigest()[:16]
 
 
+def _warn_skipped(skipped: list[str], total: int, source: str) -> None:
+    if skipped:
+        listed = ", ".join(skipped[:3]) + (", ..." if len(skipped) > 3 else "")
+        warnings.warn(f"skipped {len(skipped)} corrupt image(s) of {total}{source}: {listed}", RuntimeWarning,
+                      stacklevel=3)
+
+
 def cached_decode(root: Path, name: str, paths: list[Path], labels: np.ndarray, skip_corrupt: bool = False,
-                  expected_hw: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Decoded images and labels of `paths`, from `root/.dka_cache/<name>-<key>.npz` when it is current.
+                  expected_hw: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Decoded images, labels and skipped files of `paths`, from `root/.dka_cache/<name>-<key>.npz` when current.
 
     The key hashes the file names, sizes and modification times, so a changed dataset is decoded again.
-    Written atomically; a read-only root just keeps the result in memory."""
+    The skipped files (`skip_corrupt`) are stored with the images, so a reused cache warns about them
+    as the first decode did. Written atomically; a read-only root just keeps the result in memory."""
     root = Path(root)
     key = _files_key(root, paths)
     cache = root / CACHE_DIR / f"{name}-{key}{'-skip' if skip_corrupt else ''}.npz"
     if cache.is_file():
         try:
             with np.load(cache, allow_pickle=False) as z:
-                return z["images"], z["labels"]
+                skipped = [str(p) for p in z["skipped"]] if "skipped" in z.files else []
+                _warn_skipped(skipped, len(paths), f" (decode cache {cache.name})")
+                return z["images"], z["labels"], skipped
         except (OSError, ValueError, KeyError) as err:  # a damaged cache is rebuilt, never trusted
             warnings.warn(f"ignoring unreadable cache {cache}: {err}", RuntimeWarning, stacklevel=2)
-    images, kept, _ = decode_files(paths, expected_hw, skip_corrupt, desc=f"decoding {name}")
+    images, kept, skipped = decode_files(paths, expected_hw, skip_corrupt, desc=f"decoding {name}")
     labels = np.asarray(labels, np.int64)[kept]
     try:
         cache.parent.mkdir(exist_ok=True)
         for stale in cache.parent.glob(f"{name}-*.npz"):
             stale.unlink()
         with atomic_write(cache, "wb") as f:
-            np.savez(f, images=images, labels=labels)
+            np.savez(f, images=images, labels=labels, skipped=np.asarray(skipped, dtype=str))
     except OSError as err:
         warnings.warn(f"could not write the decode cache {cache} ({err}); keeping the images in memory only",
                       RuntimeWarning, stacklevel=2)
-    return images, labels
+    return images, labels, skipped
 
 
 class InMemoryImages(Dataset):
     """uint8 images (N, H, W, 3) in memory, served as normalised float batches.
 
     With `augment`: random crop with zero padding `pad` and horizontal flip (the CIFAR recipe), drawn per
-    image from torch's global generator (seeded per worker by the DataLoader)."""
+    image from torch's global generator (seeded per worker by the DataLoader). `skipped` lists the files
+    left out because they could not be decoded (training reports their number)."""
 
     def __init__(self, images: np.ndarray | torch.Tensor, labels, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-                 augment: bool = False, pad: int = 4):
+                 augment: bool = False, pad: int = 4, skipped: list[str] = ()):
         self.images = torch.as_tensor(np.ascontiguousarray(images), dtype=torch.uint8)
         if self.images.ndim != 4 or self.images.shape[-1] != 3:
             raise ValueError(f"images must be uint8 (N, H, W, 3), got shape {tuple(self.images.shape)}")
@@ -130,6 +142,7 @@ class InMemoryImages(Dataset):
         self.inv_std = 1.0 / (torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1) * 255)
         self.augment = augment
         self.pad = int(pad)
+        self.skipped = list(skipped)
 
     def __len__(self) -> int:
         return len(self.images)

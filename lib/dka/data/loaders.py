@@ -12,7 +12,8 @@ from torch.utils.data import DataLoader
 from dka.data import cifar, places, scenes
 from dka.data.images import IMAGENET_MEAN, IMAGENET_STD, CorruptImageError, InMemoryImages, cached_decode, pass_batch
 
-__all__ = ["build_loaders", "DataBundle", "DATASETS", "RECOMMENDED_STEMS", "scenes_datasets", "ensure_scenes"]
+__all__ = ["build_loaders", "DataBundle", "DATASETS", "RECOMMENDED_STEMS", "scenes_datasets", "ensure_scenes",
+           "check_dataset", "class_names"]
 
 DATASETS = ("cifar10", "places365", "scenes-smoke", "scenes-demo32", "scenes-demo64")
 # The model stem each dataset is meant for (dka.models.STEMS): stride 1 for 24-32 px, 3x3 stride 2 for the
@@ -49,13 +50,13 @@ def scenes_datasets(root: str | Path, augment: bool = True, skip_corrupt: bool =
         mine = [r for r in rows if r["split"] == split]
         paths = [root / "images" / r["image"] for r in mine]
         try:
-            images, labels = cached_decode(root, f"scenes-{split}", paths, [int(r["class"]) for r in mine],
-                                           skip_corrupt=skip_corrupt, expected_hw=(size, size))
+            images, labels, skipped = cached_decode(root, f"scenes-{split}", paths, [int(r["class"]) for r in mine],
+                                                    skip_corrupt=skip_corrupt, expected_hw=(size, size))
         except CorruptImageError as err:  # sizes matched, so bytes changed in place: the hashes name the files
             scenes.require_intact(root, full=True, cause=f"an image does not decode ({err.__cause__ or err})")
             raise
         out.append(InMemoryImages(images, labels, IMAGENET_MEAN, IMAGENET_STD, augment=augment and split == "train",
-                                  pad=max(2, size // 8)))
+                                  pad=max(2, size // 8), skipped=skipped))
     return out[0], out[1], class_names
 
 
@@ -74,6 +75,37 @@ def ensure_scenes(name: str, root: str | Path) -> Path:
     return scenes.generate(preset, root, seed=seed)
 
 
+def check_dataset(name: str, root: str | Path | None) -> None:
+    """Fail fast, before any file is read or written, on an unknown name or a missing real dataset.
+
+    Concept scenes are generated at `root` when absent, so only their name and a root are needed."""
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASETS)}")
+    if root is None or str(root) == "":
+        where = "it is generated there when missing" if name.startswith("scenes-") else "where the dataset lies"
+        raise ValueError(f"dataset {name!r} needs its directory: pass --data-root DIR ({where})")
+    if name == "cifar10":
+        cifar.detect_format(Path(root).expanduser())
+    elif name == "places365":
+        places.find_layout(Path(root))
+
+
+def class_names(name: str, root: str | Path) -> list[str] | None:
+    """The class names of dataset `name` at `root` without decoding it; None for scenes not generated yet."""
+    check_dataset(name, root)
+    root = Path(root).expanduser()
+    if name.startswith("scenes-"):
+        if not scenes.is_export(root):
+            return None
+        with open(root / "classes.csv", newline="") as f:
+            return [r["name"] for r in csv.DictReader(f)]
+    if name == "places365":
+        return places.categories()
+    if cifar.detect_format(root) == "folder":
+        return cifar.folder_samples(root / "train")[2]
+    return list(cifar.CLASSES)
+
+
 def _loader(dataset, batch_size: int, train: bool, workers: int, device: str, seed: int, collate) -> DataLoader:
     generator = torch.Generator().manual_seed(int(seed))
     return DataLoader(dataset, batch_size=batch_size, shuffle=train, num_workers=workers, collate_fn=collate,
@@ -87,8 +119,7 @@ def build_loaders(name: str, root: str | Path, batch_size: int, workers: int = 2
 
     Scene presets are generated at `root` when it holds none. `seed` fixes the shuffling and the
     augmentation draws; `skip_corrupt` skips undecodable images with a warning instead of failing."""
-    if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASETS)}")
+    check_dataset(name, root)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if workers < 0:

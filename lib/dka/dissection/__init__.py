@@ -31,7 +31,8 @@ loop gives an image without label maps, and its order of units with equal scores
 wherever results are compared with the paper or the authors' released tally.
 
 Memory (paper scale: Broden 63,305 images, ResNet18 layer4 = 512 units x 7 x 7): the feature store
-is 63,305 x 512 x 49 x 4 B = 6.4 GB, so it goes to a memmap file (``cache_dir``); the sorted
+is 63,305 x 512 x 49 x 4 B = 6.4 GB, so it goes to an unnamed memmap file in ``cache_dir`` (freed by
+the kernel when the process ends, even by SIGKILL); the sorted
 threshold then needs N*h*w*4 B = 12 MB per unit of working memory (units are processed in chunks),
 the streaming threshold O(units x bins) = 2 x 512 x 2048 x 8 B = 17 MB plus the few values that fall
 into the final bin. The tally upsamples the firing maps in chunks sized to a budget (~256 MB) and

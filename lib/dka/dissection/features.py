@@ -1,12 +1,13 @@
 """Features of a named layer: a forward hook that captures them, and a store that keeps them.
 
 At paper scale (Broden's 63,305 images, ResNet18 layer4 = 512 units x 7 x 7) the store is 6.4 GB, so it
-goes to a float32 memmap file; small runs keep it in memory.
+goes to a float32 memmap file; small runs keep it in memory. The file has no name (O_TMPFILE, or unlinked
+as soon as it is created): the kernel frees it when the store is closed or the process ends, even by
+SIGKILL, so a killed dissection never leaves gigabytes behind in its output folder.
 """
 
 from __future__ import annotations
 
-import os
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -69,19 +70,17 @@ class FeatureStore:
     def __init__(self, n: int, shape: tuple[int, int, int], memory_budget: int, cache_dir: str | Path | None):
         self.shape = (n, *shape)
         nbytes = 4 * int(np.prod(self.shape))
-        self.path: Path | None = None
+        self._file = None
         if nbytes <= memory_budget:
             self.data: Tensor | np.ndarray = torch.empty(self.shape, dtype=torch.float32)
         else:
-            fd, name = tempfile.mkstemp(prefix="dka-features-", suffix=".f32", dir=cache_dir)
-            os.close(fd)
-            self.path = Path(name)
-            self.data = np.memmap(self.path, dtype=np.float32, mode="w+", shape=self.shape)
+            self._file = tempfile.TemporaryFile(prefix="dka-features-", suffix=".f32", dir=cache_dir)
+            self.data = np.memmap(self._file, dtype=np.float32, mode="w+", shape=self.shape)
         self.filled = 0
 
     @property
     def in_memory(self) -> bool:
-        return self.path is None
+        return self._file is None
 
     def append(self, x: Tensor) -> None:
         b = x.shape[0]
@@ -101,7 +100,7 @@ class FeatureStore:
             yield self.batch(s, min(self.filled, s + batch_size))
 
     def close(self) -> None:
-        if self.path is not None:
+        if self._file is not None:
             del self.data
-            self.path.unlink(missing_ok=True)
-            self.path = None
+            self._file.close()
+            self._file = None

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
+import itertools
 import json
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,7 +23,7 @@ import yaml
 from dka.models import STEMS
 
 __all__ = ["TrainConfig", "PRESETS", "SCHEDULES", "OPTIMIZERS", "LOSSES", "resolve_preset", "bf16_is_fast",
-           "build_parser", "config_from_args", "config_to_argv", "plain"]
+           "build_parser", "config_from_args", "config_to_argv", "plain", "type_problem"]
 
 # Epoch lists accept ints and the token "last" (= the final epoch); "all" and "none" as strings.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -89,10 +90,14 @@ _OPTIONAL: dict[str, tuple] = {
     "loss": (None, "cross-entropy"),
 }
 # Fields that do not change what is computed: a resume may change them freely.
+# skip_corrupt: a run that met a corrupt image must be resumable with --skip-corrupt added; what data it
+# trains on is checked by the dataset identity stored in the checkpoint (dka.data.identity).
 _NOT_FINGERPRINTED = frozenset({
     "out", "data_root", "workers", "device", "progress", "compile", "threads",
-    "save_head_epochs", "save_checkpoint_epochs",
+    "save_head_epochs", "save_checkpoint_epochs", "skip_corrupt",
 })
+# Fields holding a list of epochs or ints: a comma-separated string or a list.
+_LIST_FIELDS = ("milestones", "save_head_epochs", "save_checkpoint_epochs")
 
 
 def _is_neutral(value: Any, neutral: tuple) -> bool:
@@ -137,7 +142,10 @@ def _parse_epochs(spec, epochs: int, clip: bool = False) -> tuple[int, ...]:
     out = set()
     for item in items:
         item = str(item).strip()
-        value = epochs if item == "last" else int(item)
+        try:
+            value = epochs if item == "last" else int(item)
+        except ValueError:
+            raise ValueError(f"{item!r} in {spec!r} is neither an epoch number nor 'last'") from None
         if clip and value > epochs:
             continue
         if not 0 <= value <= epochs:
@@ -150,7 +158,10 @@ def _parse_ints(spec) -> tuple[int, ...]:
     if spec is None or spec == "" or spec == "none":
         return ()
     items = spec.split(",") if isinstance(spec, str) else list(spec)
-    return tuple(int(str(x).strip()) for x in items)
+    try:
+        return tuple(int(str(x).strip()) for x in items)
+    except ValueError:
+        raise ValueError(f"{spec!r} is not a list of integers like 70,140") from None
 
 
 def plain(obj):
@@ -214,9 +225,22 @@ class TrainConfig:
         "help": "pool BatchNorm statistics across DDP processes (exact global-batch equivalence)"})
     threads: int | None = _opt("CPU threads (default: cores / local processes)")
     progress: bool = field(default=True, metadata={"help": "progress bars"})
+    skip_corrupt: bool = field(default=False, metadata={
+        "help": "skip images that cannot be decoded instead of stopping: each is warned, their number is "
+                "printed and stored per epoch in metrics.jsonl (skipped_images); may be added on resume"})
+
+    def __post_init__(self) -> None:
+        """Each number field holds its annotated type, whatever the source wrote: a float field given an
+        integer (YAML's `warmup_epochs: 1`, a preset's `0`) holds a float, so the same recipe has one
+        fingerprint however its numbers were spelled. Values of other types are left for `check_types`."""
+        for name in _FLOAT_FIELDS:
+            value = getattr(self, name)
+            if isinstance(value, int) and not isinstance(value, bool):
+                setattr(self, name, float(value))
 
     def resolved(self) -> TrainConfig:
         """A copy with every preset-driven field filled in and validated."""
+        self.check_types()
         preset_name = resolve_preset(self.preset, self.data)
         preset = PRESETS[preset_name]
         values = dataclasses.asdict(self)
@@ -228,15 +252,36 @@ class TrainConfig:
                 from_preset.add(key)
         values["amp"] = bf16_is_fast(values["device"]) if values["amp"] is None else bool(values["amp"])
         values["channels_last"] = True if values["channels_last"] is None else bool(values["channels_last"])
-        values["milestones"] = _parse_ints(values["milestones"])
+        try:
+            values["milestones"] = _parse_ints(values["milestones"])
+        except ValueError as err:
+            raise ValueError(f"milestones: {err}") from None
         values["model_options"] = dict(values["model_options"] or {})
         epochs = int(values["epochs"])
         for key in ("save_head_epochs", "save_checkpoint_epochs"):
             # a preset's list is cut to a shortened run; a list the user gave must fit it
-            values[key] = _parse_epochs(values[key], epochs, clip=key in from_preset)
+            try:
+                values[key] = _parse_epochs(values[key], epochs, clip=key in from_preset)
+            except ValueError as err:
+                raise ValueError(f"{key}: {err}") from None
         cfg = TrainConfig(**values)
         cfg._validate()
         return cfg
+
+    def check_types(self) -> None:
+        """A TypeError naming the field, the value and the fix for a value of the wrong type.
+
+        Settings often come from YAML, which reads `1e-2` (no decimal point) as the string "1e-2": that
+        would otherwise fail deep inside the optimiser with an error that names no field.
+        """
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value is None and f.default is None:
+                continue
+            kind = "list" if f.name in _LIST_FIELDS else _base_type(f.type)
+            problem = type_problem(value, kind)
+            if problem:
+                raise TypeError(f"{f.name}: {problem}")
 
     def _validate(self) -> None:
         if self.epochs < 1:
@@ -265,8 +310,26 @@ class TrainConfig:
                 if k not in _NOT_FINGERPRINTED and not (k in _OPTIONAL and _is_neutral(v, _OPTIONAL[k]))}
 
     def fingerprint(self) -> str:
-        blob = json.dumps(self.fingerprint_fields(), sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+        return _digest(self.fingerprint_fields())
+
+    def matches_fingerprint(self, stored: str | None) -> bool:
+        """Whether a run recorded with fingerprint `stored` has this recipe.
+
+        Runs recorded before float fields were coerced hashed an integral value as it was written (`1` or
+        `1.0`); every such spelling of this recipe's integral float values is accepted, so those runs
+        resume and are reused instead of being retrained.
+        """
+        if stored is None:
+            return False
+        fields = self.fingerprint_fields()
+        if stored == _digest(fields):
+            return True
+        integral = [k for k in _FLOAT_FIELDS if isinstance(fields.get(k), float) and fields[k].is_integer()]
+        for chosen in itertools.chain.from_iterable(
+                itertools.combinations(integral, n) for n in range(1, len(integral) + 1)):
+            if stored == _digest({**fields, **{k: int(fields[k]) for k in chosen}}):
+                return True
+        return False
 
     def summary(self) -> str:
         """The resolved recipe in one line, printed when a run starts."""
@@ -274,6 +337,10 @@ class TrainConfig:
                 "weight_decay", "head_weight_decay", "schedule", "milestones", "warmup_epochs", "l1", "model_options",
                 "amp", "seed")
         return " ".join(f"{k}={getattr(self, k)}" for k in keys if getattr(self, k) not in (None, {}, ()))
+
+
+def _digest(fields: dict) -> str:
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -284,6 +351,40 @@ def _base_type(annotation: str) -> str:
     """'int | None' -> 'int'; the field types are strings under `from __future__ import annotations`."""
     parts = [p.strip() for p in annotation.split("|") if p.strip() != "None"]
     return parts[0] if len(parts) == 1 else "str"
+
+
+# Fields annotated `float`: an integer given to one is stored as a float (TrainConfig.__post_init__).
+_FLOAT_FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig) if _base_type(f.type) == "float")
+
+
+_KIND_NAMES = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string",
+               "dict": "a mapping of KEY: VALUE", "list": "a list or a comma-separated string"}
+
+
+def type_problem(value, kind: str) -> str | None:
+    """Why `value` is not of `kind` (int, float, bool, str, dict, list) and how to write it; None if it is."""
+    fits = {
+        "int": isinstance(value, int) and not isinstance(value, bool),
+        "float": isinstance(value, (int, float)) and not isinstance(value, bool),
+        "bool": isinstance(value, bool),
+        "str": isinstance(value, str),
+        "dict": isinstance(value, dict),
+        "list": isinstance(value, (str, list, tuple)),
+    }.get(kind, True)
+    if fits:
+        return None
+    problem = f"expected {_KIND_NAMES[kind]}, got {type(value).__name__} {value!r}"
+    if isinstance(value, str) and kind in ("int", "float"):
+        try:
+            float(value)
+        except ValueError:
+            return problem
+        mantissa, _, exponent = value.lower().partition("e")
+        if kind == "float" and exponent and "." not in mantissa:
+            return (f"{problem}: YAML reads {value} (a number with an exponent but no decimal point) as text; "
+                    f"write {mantissa}.0e{exponent}")
+        return f"{problem}: write the number without quotes"
+    return problem
 
 
 def _key_value(text: str) -> tuple[str, Any]:

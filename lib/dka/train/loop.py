@@ -5,6 +5,12 @@ or returns the stored result of a finished run. The data order is a function of 
 seeded `DistributedSampler`, also with one process, and a per-epoch DataLoader generator), so a resumed
 run continues exactly where the interrupted one stopped. Models train on `objectives.training_loss`
 (cross-entropy plus the model's own auxiliary losses: the extension point for other methods).
+
+What makes a result trustworthy rather than merely produced: every argument is checked before data is
+read or `--out` is created (`check`); one process at a time owns the run directory (`dka.dirlock`), so
+`final.pt`, `checkpoint.pt` and `metrics.jsonl` always come from the same run; a resume must see the
+same data as the run it continues (`dka.data.identity`); with `skip_corrupt`, the images left out are
+counted per epoch (`skipped_images` in metrics.jsonl) instead of going unnoticed.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import os
 import sys
 import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -25,6 +32,9 @@ from torch.utils.data.distributed import DistributedSampler
 
 from dka import models
 from dka.checkpoint import load_checkpoint, save_atomic
+from dka.data.identity import dataset_identity, identity_differences
+from dka.data.loaders import RECOMMENDED_STEMS, build_loaders, check_dataset
+from dka.dirlock import exclusive
 from dka.progress import tqdm
 from dka.train import state as run_state
 from dka.train.config import TrainConfig
@@ -34,7 +44,7 @@ from dka.train.objectives import classification_loss, training_loss
 from dka.train.routing import RoutingTracker, layer_sparsity
 from dka.train.schedule import LrFactor
 
-__all__ = ["run", "RunResult", "train_one_epoch", "evaluate", "Environment"]
+__all__ = ["run", "check", "RunResult", "train_one_epoch", "evaluate", "Environment"]
 
 _NAN_CHECK_EVERY = 50  # optimiser steps between host-side checks for a non-finite loss
 
@@ -77,7 +87,7 @@ def run(config: TrainConfig, bundle=None, on_step: Callable[[int], None] | None 
     Returns:
         The run directory, its per-epoch metrics and the path of `final.pt`.
     """
-    cfg = config.resolved()
+    cfg = check(config, bundle)
     dist_ctx = init_distributed(cfg.device)
     # Process-wide switches this run changes, restored afterwards (callers may be notebooks or tests).
     saved = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(),
@@ -95,8 +105,44 @@ def run(config: TrainConfig, bundle=None, on_step: Callable[[int], None] | None 
             dist.destroy_process_group()
 
 
+def check(config: TrainConfig, bundle=None) -> TrainConfig:
+    """The resolved config, after every check that needs no data read and no file written.
+
+    Wrong types, a bad model name, K or model option fail here in milliseconds (the network is built on
+    the meta device), not after minutes of decoding; a missing dataset fails before `--out` is created.
+    `run` calls it first; the command line calls it to report bad arguments without a traceback.
+    """
+    cfg = config.resolved()
+    if (cfg.device or "").startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device {cfg.device!r} requested but CUDA is not available; use --device cpu")
+    stem = cfg.stem or (getattr(bundle, "stem", None) if bundle is not None else RECOMMENDED_STEMS.get(cfg.data))
+    with torch.device("meta"):
+        models.build(cfg.model, num_classes=2, stem=stem or "cifar", width=cfg.width, **cfg.model_options)
+    if bundle is None and not (Path(cfg.out) / "checkpoint.pt").exists():  # a finished run needs no data
+        check_dataset(cfg.data, cfg.data_root)
+    return cfg
+
+
+@contextmanager
+def _run_directory(out: Path, dist_ctx: DistContext):
+    """The run directory, held exclusively by the main process while the run reads and writes it: a second
+    process on it fails at once naming this one's PID, and temp files a killed run left are deleted."""
+    if not dist_ctx.main:
+        yield
+        return
+    with exclusive(out, "training run") as held:
+        for path in held.removed:
+            print(f"removed {path}, a temp file left by a killed run", flush=True)
+        yield
+
+
 def _run(cfg: TrainConfig, bundle, dist_ctx: DistContext, on_step) -> RunResult:
     out = Path(cfg.out)
+    with _run_directory(out, dist_ctx):
+        return _run_locked(cfg, bundle, dist_ctx, on_step, out)
+
+
+def _run_locked(cfg: TrainConfig, bundle, dist_ctx: DistContext, on_step, out: Path) -> RunResult:
     ckpt_path = out / "checkpoint.pt"
     state = None
     if ckpt_path.exists():
@@ -105,7 +151,6 @@ def _run(cfg: TrainConfig, bundle, dist_ctx: DistContext, on_step) -> RunResult:
         if state["epoch"] >= cfg.epochs:
             return _finish(out, state, dist_ctx, just_trained=False)
     if dist_ctx.main:
-        out.mkdir(parents=True, exist_ok=True)
         print(f"[{cfg.model}] recipe: {cfg.summary()}", flush=True)
 
     env = _environment(cfg, dist_ctx)
@@ -114,11 +159,17 @@ def _run(cfg: TrainConfig, bundle, dist_ctx: DistContext, on_step) -> RunResult:
                          "choose a global batch that is a multiple of --nproc_per_node")
     per_rank_batch = cfg.batch_size // dist_ctx.world
     if bundle is None:
-        from dka import data
-
-        bundle = data.build_loaders(cfg.data, cfg.data_root, batch_size=per_rank_batch,
-                                    workers=0,  # only the datasets are used: make_loaders builds the loaders
-                                    device=env.device.type, augment=cfg.augment, seed=cfg.seed)
+        bundle = build_loaders(cfg.data, cfg.data_root, batch_size=per_rank_batch,
+                               workers=0,  # only the datasets are used: make_loaders builds the loaders
+                               device=env.device.type, augment=cfg.augment, seed=cfg.seed,
+                               skip_corrupt=cfg.skip_corrupt)
+    identity = dataset_identity(bundle, cfg.data_root)
+    if state is not None and state.get("dataset") is not None:
+        _check_same_data(state["dataset"], identity, cfg, ckpt_path)
+    decode_skipped = _decode_skipped(bundle)
+    if cfg.skip_corrupt and decode_skipped and dist_ctx.main:
+        print(f"[{cfg.model}] --skip-corrupt: {len(decode_skipped)} image(s) could not be decoded and are left out: "
+              f"{', '.join(decode_skipped[:5])}{', ...' if len(decode_skipped) > 5 else ''}", flush=True)
     train_loader, sampler, test_loader = make_loaders(bundle, cfg, env, per_rank_batch)
     steps_per_epoch = len(train_loader)
     if steps_per_epoch == 0:
@@ -175,14 +226,17 @@ def _run(cfg: TrainConfig, bundle, dist_ctx: DistContext, on_step) -> RunResult:
         trained = train_one_epoch(model, bare, train_loader, steps_per_epoch, optimizer, scheduler, cfg, env, epoch,
                                   ckpt_path if state is not None else None, start_epoch, steps_done, on_step)
         test = evaluate(model, test_loader, env, cfg.max_eval_steps, loss=cfg.loss)
+        train_skipped = trained.pop("skipped")
         routed = tracker.routed_masks(dist_ctx)
         row = {"epoch": epoch, "lr": lr_now, **trained,
                "test_loss": test["loss"], "test_top1": test["top1"], "test_top5": test["top5"],
                "sparsity": layer_sparsity(bare), "never_routed": tracker.never_routed(dist_ctx, routed),
                "seconds": time.perf_counter() - started}
+        if cfg.skip_corrupt:  # images of this epoch left out because they could not be decoded
+            row["skipped_images"] = len(decode_skipped) + train_skipped + test["skipped"]
         metrics.append(row)
         rngs = all_gather_objects(run_state.rng_state(), dist_ctx)
-        state = run_state.training_payload(bare, cfg, epoch, optimizer, scheduler, rngs, metrics, routed)
+        state = run_state.training_payload(bare, cfg, epoch, optimizer, scheduler, rngs, metrics, routed, identity)
         if dist_ctx.main:
             run_state.save_snapshots(bare, cfg, out, epoch)
             save_atomic(state, ckpt_path)
@@ -210,6 +264,9 @@ def train_one_epoch(model: nn.Module, bare: nn.Module, loader: DataLoader, steps
                disable=not (env.dist.main and cfg.progress), mininterval=0.5 if sys.stderr.isatty() else 30.0)
     # islice: a capped epoch must not fetch (and consume RNG for) one batch beyond the cap
     for step, (images, labels) in enumerate(itertools.islice(loader, steps), start=1):
+        if labels.shape[0] == 0:  # every image of the batch was undecodable and skipped
+            bar.update(1)
+            continue
         images, labels = env.batch(images, labels)
         with env.autocast():
             logits = model(images)
@@ -219,7 +276,7 @@ def train_one_epoch(model: nn.Module, bare: nn.Module, loader: DataLoader, steps
         # is saved before the check, so the last good checkpoint stays either way.
         bad = ~torch.isfinite(loss.total.detach())
         first_bad_step = torch.where(bad & (first_bad_step < 0), step, first_bad_step)
-        if step % _NAN_CHECK_EVERY == 0 or step == steps:
+        if step % _NAN_CHECK_EVERY == 0:
             _raise_if_diverged(first_bad_step, env.dist, epoch, steps, bar, ckpt_path, good_epoch)
         optimizer.zero_grad(set_to_none=True)
         loss.total.backward()
@@ -234,13 +291,16 @@ def train_one_epoch(model: nn.Module, bare: nn.Module, loader: DataLoader, steps
         steps_done[0] += 1
         if on_step is not None:
             on_step(steps_done[0])
+    _raise_if_diverged(first_bad_step, env.dist, epoch, steps, bar, ckpt_path, good_epoch)
     bar.close()
     names = sorted(aux_sums)
     totals = all_reduce(torch.stack([loss_sum, correct.double(), torch.tensor(float(seen), dtype=torch.float64,
                                                                              device=device),
                                      *(aux_sums[n] for n in names)]), env.dist)
-    count = totals[2].item()
-    out = {"train_loss": totals[0].item() / count, "train_top1": 100.0 * totals[1].item() / count}
+    count = max(1.0, totals[2].item())
+    # drop_last=True: every step asks for a full batch, so what is missing was skipped as undecodable
+    out = {"train_loss": totals[0].item() / count, "train_top1": 100.0 * totals[1].item() / count,
+           "skipped": int(steps * (loader.batch_size or 0) * env.dist.world - totals[2].item())}
     if names:
         out["aux_losses"] = {n: totals[3 + i].item() / count for i, n in enumerate(names)}
     return out
@@ -250,10 +310,14 @@ def train_one_epoch(model: nn.Module, bare: nn.Module, loader: DataLoader, steps
 def evaluate(model: nn.Module, loader: DataLoader, env: Environment, max_steps: int | None = None,
              loss: str = "cross-entropy") -> dict:
     """The classification loss (`objectives.classification_loss` of kind `loss`), top-1 and top-5 (%) over the
-    test loader (summed over DDP ranks)."""
+    test loader (summed over DDP ranks), and the number of images `skipped` as undecodable."""
     model.eval()
     sums = torch.zeros(4, dtype=torch.float64, device=env.device)  # loss, top1, top5, count
+    batches = len(loader) if not max_steps else min(len(loader), max_steps)
+    asked = min(len(loader.dataset), batches * (loader.batch_size or 1))  # images the batches ask for
     for images, labels in itertools.islice(loader, max_steps or None):
+        if labels.shape[0] == 0:
+            continue
         images, labels = env.batch(images, labels)
         with env.autocast():
             logits = model(images)
@@ -265,10 +329,11 @@ def evaluate(model: nn.Module, loader: DataLoader, env: Environment, max_steps: 
             hit[:, 0].sum().double(), hit.any(1).sum().double(),
             torch.tensor(float(labels.shape[0]), dtype=torch.float64, device=env.device),
         ])
+    asked = all_reduce(torch.tensor([float(asked)], dtype=torch.float64, device=env.device), env.dist).item()
     sums = all_reduce(sums, env.dist)
     count = max(1.0, sums[3].item())
     return {"loss": sums[0].item() / count, "top1": 100.0 * sums[1].item() / count,
-            "top5": 100.0 * sums[2].item() / count}
+            "top5": 100.0 * sums[2].item() / count, "skipped": int(asked - sums[3].item())}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -278,9 +343,7 @@ def evaluate(model: nn.Module, loader: DataLoader, env: Environment, max_steps: 
 def _environment(cfg: TrainConfig, dist_ctx: DistContext) -> Environment:
     """Pick the device, set threads and determinism, seed everything."""
     name = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise RuntimeError(f"device {name!r} requested but CUDA is not available; use --device cpu")
+    if name.startswith("cuda"):  # available: _check_before_start made sure
         device = torch.device("cuda", dist_ctx.local_rank) if dist_ctx.world > 1 else torch.device(name)
         torch.backends.cudnn.benchmark = not cfg.deterministic
     else:
@@ -356,9 +419,25 @@ def _raise_if_diverged(first_bad_step: torch.Tensor, dist_ctx: DistContext, epoc
 
 
 def _print_epoch(cfg: TrainConfig, row: dict) -> None:
+    skipped = f" | skipped {row['skipped_images']} undecodable" if row.get("skipped_images") else ""
     print(f"[{cfg.model}] epoch {row['epoch']}/{cfg.epochs} lr {row['lr']:.4g} train loss {row['train_loss']:.4f} "
           f"top1 {row['train_top1']:.2f} | test loss {row['test_loss']:.4f} top1 {row['test_top1']:.2f} "
-          f"top5 {row['test_top5']:.2f} | {row['seconds']:.1f}s", flush=True)
+          f"top5 {row['test_top5']:.2f} | {row['seconds']:.1f}s{skipped}", flush=True)
+
+
+def _decode_skipped(bundle) -> list[str]:
+    """Files the datasets left out when decoding (in-memory datasets built with skip_corrupt)."""
+    return [path for part in (bundle.train, bundle.test) for path in getattr(_dataset_of(part), "skipped", [])]
+
+
+def _check_same_data(stored: dict, now: dict, cfg: TrainConfig, ckpt_path: Path) -> None:
+    """A resume must continue on the data the run started on: ValueError naming what differs."""
+    differences = identity_differences(stored, now)
+    if differences:
+        raise ValueError(
+            f"{ckpt_path} was trained on other data than {cfg.data} at {cfg.data_root} holds now — "
+            f"{'; '.join(differences)} (the run started from {stored.get('root')}). Resume with the data it was "
+            "trained on, or choose another --out to train on this data from scratch")
 
 
 def _finish(out: Path, state: dict, dist_ctx: DistContext, just_trained: bool) -> RunResult:

@@ -65,7 +65,7 @@ def seed_everything(seed: int) -> None:
 
 
 def check_fingerprint(state: dict, cfg: TrainConfig, path: Path) -> None:
-    if state.get("fingerprint") == cfg.fingerprint():
+    if cfg.matches_fingerprint(state.get("fingerprint")):
         return
     stored = state.get("config", {})
     mine = cfg.fingerprint_fields()
@@ -104,19 +104,20 @@ def save_snapshots(model, cfg: TrainConfig, out: Path, epoch: int) -> None:
 
 
 def training_payload(model: nn.Module, cfg: TrainConfig, epoch: int, optimizer, scheduler, rngs: list,
-                     metrics: list[dict], routed: dict[str, torch.Tensor]) -> dict:
-    """`checkpoint.pt`: the model payload plus everything an exact resume needs.
+                     metrics: list[dict], routed: dict[str, torch.Tensor], dataset: dict | None = None) -> dict:
+    """`checkpoint.pt`: the model payload plus everything an exact resume needs, and the identity of the
+    data it trains on (`dka.data.identity`), which a resume compares.
 
     `routed` (layer -> bool (out, in) mask of the weights selected during the epoch) is kept so analyses
     can use the weights that actually route (zeroing the others changes no logit of the training images).
     """
     return model_payload(model, epoch, fingerprint=cfg.fingerprint(), config=plain(vars(cfg)),
                          optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), rng=rngs,
-                         metrics=metrics, routed=routed)
+                         metrics=metrics, routed=routed, dataset=dataset)
 
 
 def final_payload(state: dict) -> dict:
-    """`final.pt`: the model part of the last training state, the config it was trained with, and the
-    routing masks of its last epoch."""
+    """`final.pt`: the model part of the last training state, the config and the data it was trained with,
+    and the routing masks of its last epoch."""
     return {**model_only(state), "fingerprint": state["fingerprint"], "config": state["config"],
-            "routed": state.get("routed", {})}
+            "routed": state.get("routed", {}), "dataset": state.get("dataset")}
