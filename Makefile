@@ -1,6 +1,7 @@
 # dka — one-command setup, tests, the DVC pipeline and the benchmarks.
-#   make test    create .venv (pinned deps), install dka editable, run pytest + nbval (smoke profile)
-#   make repro   check params.yaml, then dvc repro of the profile named there (default: demo, CPU, < 30 min);
+#   make test    create .venv (pinned deps), install dka editable, run pytest + nbval (smoke profile) and the
+#                paper profile's dry run (make test-paper-dryrun)
+#   make repro   check params.yaml, then dvc repro of the profile named there (default: demo, CPU);
 #                make repro PROFILE=<name> for another profile of params.yaml (params.yaml is not edited)
 #   make bench   print the benchmark tables (never asserts timings)
 #   make lab     JupyterLab on the notebooks, with the project's kernel and the K sliders (LAB_ARGS=... to add options)
@@ -12,7 +13,7 @@ STAMP  := $(VENV)/.dka-installed
 TRITON := triton==3.9.0
 PROFILE ?=
 
-.PHONY: setup test test-lib test-notebooks repro bench lab clean-venv
+.PHONY: setup test test-lib test-notebooks test-paper-dryrun repro bench lab clean-venv
 
 setup: $(STAMP)
 
@@ -27,7 +28,7 @@ $(STAMP): requirements.lock pyproject.toml
 	$(PY) -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (dka)" > /dev/null
 	touch $(STAMP)
 
-test: test-lib test-notebooks
+test: test-lib test-notebooks test-paper-dryrun
 
 # Two test processes with one thread each: torch's default of one thread per core, times two
 # processes, oversubscribes the two cores and makes small tensor ops up to ~80x slower.
@@ -40,6 +41,11 @@ test-notebooks: setup
 	@if ls notebooks/*.ipynb > /dev/null 2>&1; then \
 		MPLBACKEND=Agg $(PY) -m pytest -q -p no:cacheprovider --nbval-lax --nbval-current-env notebooks; \
 	else echo "no notebooks yet"; fi
+
+# The paper profile's code paths at toy size (params.yaml `paper-dryrun`): tiny data in the real formats,
+# the five notebooks through papermill, torchrun with 2 processes (gloo). A few minutes on 2 cores.
+test-paper-dryrun: setup
+	OMP_NUM_THREADS=1 $(PY) tests/paper_dryrun.py
 
 # `make repro` = `dvc repro` of one profile's stages: the `profile:` of params.yaml, or PROFILE=<name> (any
 # profile listed in dvc.yaml's `vars: - profiles:`). `python -m dka params` first checks every profile of

@@ -185,13 +185,13 @@ def test_runtime_takes_exactly_one_of_seed_and_seeds(tmp_path):
 def test_the_profile_list_lives_in_dvc_yaml_and_must_match_the_sections(tmp_path):
     shutil.copy(ROOT / "dvc.yaml", tmp_path / "dvc.yaml")
     assert profiles.declared_profiles(tmp_path) == profiles.profile_names(yaml.safe_load(TEXT))
-    path = _params(tmp_path, TEXT + "\npaper-dryrun:\n" + TEXT.split("\npaper:\n", 1)[1])
-    with pytest.raises(ParamsError, match=r"paper-dryrun: no stages in dvc\.yaml; add `- paper-dryrun`"):
+    path = _params(tmp_path, TEXT + "\npaper-copy:\n" + TEXT.split("\npaper:\n", 1)[1])
+    with pytest.raises(ParamsError, match=r"paper-copy: no stages in dvc\.yaml; add `- paper-copy`"):
         check_params(path)
     dvc = (tmp_path / "dvc.yaml").read_text()
-    (tmp_path / "dvc.yaml").write_text(dvc.replace("      - paper\n", "      - paper\n      - paper-dryrun\n", 1))
-    assert check_params(path)[0]["paper-dryrun"]["runtime"]["device"] == "cuda"  # one line added: valid
-    assert pipeline.stage_names(tmp_path, "paper-dryrun")[0] == "01_cifar@paper-dryrun"
+    (tmp_path / "dvc.yaml").write_text(dvc.replace("      - smoke\n", "      - smoke\n      - paper-copy\n", 1))
+    assert check_params(path)[0]["paper-copy"]["runtime"]["device"] == "cuda"  # one line added: valid
+    assert pipeline.stage_names(tmp_path, "paper-copy")[0] == "01_cifar@paper-copy"
     (tmp_path / "dvc.yaml").write_text(dvc.replace("      - smoke\n", "      - smoke\n      - smok\n", 1))
     with pytest.raises(ParamsError, match="dvc.yaml lists profile 'smok' but .* has no `smok:` section"):
         check_params(_params(tmp_path, TEXT))

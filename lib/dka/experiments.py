@@ -7,10 +7,12 @@ library code under test:
   `Stage` (settings, results folder, runs folder);
 - `train_models(stage, bundle)` trains every run of the section (`models:`, see `RunSpec`) with its recipe
   (`train:` = `dka.train.TrainConfig` fields, optional per-run `overrides`) under the profile's `runtime`,
-  once per seed (`runtime.seeds`);
+  once per seed (`runtime.seeds`); a paper recipe first prints its cost (GPU-hours, disk) and refuses a
+  short disk;
   finished runs are reused and interrupted ones resume; with `runtime.nproc_per_node > 1` each model
   trains under torchrun (DDP) in child processes and the finished run is then read back;
 - `checkpoints(run_dir)` lists a run's per-epoch checkpoints by the epoch their payload records;
+- `broden_root(stage)` is the Broden-format data a section's models are dissected on;
 - `shared_data()` finds the optional ../shared/data folder of real files;
 - `require_runs(stage, source, ...)` checks that another notebook's runs exist, or says which command
   makes them and how long it took when last recorded (`setup` says the same of a notebook's own runs);
@@ -29,15 +31,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
+import torch
 import yaml
 
 from dka import plots, train
+from dka.train import cost
 from dka.checkpoint import load_checkpoint
 from dka.progress import widgets_available
 
 __all__ = ["Stage", "setup", "project_root", "RunSpec", "run_specs", "seeds_of", "train_models", "torchrun_argv",
            "final_sparsity", "final_payloads", "evaluate_runs", "dataset_label", "checkpoints", "checkpoint_manifest",
-           "shared_data", "recorded_duration", "missing_runs", "require_runs", "interactive_figure", "k_slider",
+           "broden_root", "shared_data", "recorded_duration", "missing_runs", "require_runs", "interactive_figure", "k_slider",
            "SliderView"]
 
 
@@ -168,8 +172,11 @@ def train_models(section: Mapping[str, Any] | Stage, runtime: Mapping[str, Any] 
     Call it as ``train_models(stage, bundle)`` from a notebook, or with the section's pieces
     (``section, runtime, runs_dir, root``). `runs_dir/<run>/seed<k>/` holds each run; `root` is the folder
     `section["root"]` is relative to; `bundle` (a dka.data.DataBundle) is shared by all runs. Finished
-    runs are reused and interrupted ones resume.
+    runs are reused and interrupted ones resume. Before a paper recipe (`preset: paper*`) trains anything,
+    the cost of the runs still to train is measured and printed (`dka.train.cost`), and nothing starts when
+    the disk is short.
     """
+    stage = None
     if isinstance(section, Stage):
         stage, bundle = section, runtime if bundle is None else bundle
         section, runtime, runs_dir, root = stage.config, stage.runtime, stage.runs, stage.root
@@ -177,18 +184,60 @@ def train_models(section: Mapping[str, Any] | Stage, runtime: Mapping[str, Any] 
     if runtime.get("fresh_runs") and runs_dir.exists():
         shutil.rmtree(runs_dir)
     nproc = int(runtime.get("nproc_per_node", 1))
+    planned = [(spec, seed, train.TrainConfig(
+        model=spec.model, data=section["dataset"], data_root=str(Path(root) / section["root"]),
+        out=str(runs_dir / spec.name / f"seed{seed}"), device=runtime["device"], workers=runtime["workers"],
+        amp=runtime["amp"], seed=seed, **{**section["train"], **spec.overrides}))
+        for spec in run_specs(section) for seed in seeds_of(runtime, section)]
+    pending = [(f"{spec.name}/seed{seed}", config) for spec, seed, config in planned
+               if not (Path(config.out) / "final.pt").is_file()]
+    if pending and str(section["train"].get("preset", "")).startswith("paper"):
+        if bundle is None:
+            from dka import data
+
+            bundle = data.build_loaders(section["dataset"], Path(root) / section["root"], batch_size=64, workers=0,
+                                        device=runtime["device"])
+        features, folder = _dissection_features(stage) if stage is not None else (0, None)
+        estimate = cost.estimate(pending, bundle, runs_dir, nproc, features, folder)
+        print(estimate.report(), flush=True)
+        cost.require_disk(estimate)  # before the first step, not at epoch 80
     results: dict[str, list[train.RunResult]] = {}
-    for spec in run_specs(section):
-        results[spec.name] = []
-        for seed in seeds_of(runtime, section):
-            config = train.TrainConfig(
-                model=spec.model, data=section["dataset"], data_root=str(Path(root) / section["root"]),
-                out=str(runs_dir / spec.name / f"seed{seed}"), device=runtime["device"], workers=runtime["workers"],
-                amp=runtime["amp"], seed=seed, **{**section["train"], **spec.overrides})
-            if nproc > 1:
-                subprocess.run(torchrun_argv(config, nproc), check=True)
-            results[spec.name].append(train.run(config, bundle=bundle))
+    for spec, seed, config in planned:
+        if nproc > 1:
+            subprocess.run(torchrun_argv(config, nproc), check=True)
+        results.setdefault(spec.name, []).append(train.run(config, bundle=bundle))
     return results
+
+
+# Broden's size when it is not downloaded yet (broden1_224/index.csv rows with a label of the dissected categories).
+BRODEN_IMAGES = 63_305
+
+
+def _dissection_features(stage: Stage) -> tuple[int, Path | None]:
+    """Bytes of the largest feature store 03_dissect keeps on disk (0 when it fits the memory budget) and
+    the folder it goes to. Only the section 03 dissects (`places`) has one."""
+    import inspect
+    import tempfile
+
+    from dka import models
+    from dka.dissection import dissect
+
+    dissect_cfg = stage.params.get("dissect")
+    if stage.section != "places" or not dissect_cfg or not dissect_cfg.get("models"):
+        return 0, None
+    index = stage.path(dissect_cfg["broden_root"]) / "index.csv"
+    if index.is_file():
+        with open(index) as f:
+            images = sum(1 for _ in f) - 1
+    else:
+        images = BRODEN_IMAGES
+    width = stage.config["train"].get("width") or train.PRESETS[train.resolve_preset(
+        stage.config["train"].get("preset", "demo"), stage.config["dataset"])]["width"]
+    with torch.device("meta"):
+        units = max(models.build(name, num_classes=10, width=width).num_features for name in dissect_cfg["models"])
+    size = images * units * 7 * 7 * 4  # layer4 of a 224 px Broden image: 7 x 7 float32 per unit
+    budget = inspect.signature(dissect).parameters["memory_budget"].default
+    return (size, Path(tempfile.gettempdir())) if size > budget else (0, None)
 
 
 def final_payloads(results: Mapping[str, Sequence[train.RunResult]]) -> dict[str, list[dict]]:
@@ -251,6 +300,21 @@ def checkpoint_manifest(runs_dir: str | Path) -> dict[str, dict[str, str]]:
     runs_dir = Path(runs_dir)
     return {run.name: {p.relative_to(run).as_posix(): file_digest(p) for p in sorted(run.rglob("*.pt"))}
             for run in sorted(runs_dir.iterdir()) if run.is_dir()} if runs_dir.is_dir() else {}
+
+
+def broden_root(stage: Stage) -> Path:
+    """The Broden-format data a training section's models are dissected on.
+
+    A concept-scenes training set is its own Broden export; a real training set (CIFAR-10, Places365) is not,
+    so its models are dissected on the profile's `dissect.broden_root` (broden1_224 at the paper profile).
+    """
+    if str(stage.config["dataset"]).startswith("scenes-"):
+        return stage.path(stage.config["root"])
+    dissect_cfg = stage.params.get("dissect") or {}
+    if "broden_root" not in dissect_cfg:
+        raise KeyError(f"{stage.profile}.{stage.section} trains on {stage.config['dataset']}, which is not in "
+                       f"Broden format: set {stage.profile}.dissect.broden_root to a Broden folder (broden1_224)")
+    return stage.path(dissect_cfg["broden_root"])
 
 
 def shared_data() -> Path | None:

@@ -26,7 +26,8 @@ def _parser() -> argparse.ArgumentParser:
     dl.add_argument("dataset", choices=["cifar10", "places365", "broden"])
     dl.add_argument("--root", required=True)
     dl.add_argument("--format", choices=["torchvision", "easy"], default="torchvision",
-                    help="Places365 layout (default: torchvision's, md5-verified)")
+                    help="Places365 layout (default: torchvision's, md5-verified); a cut download resumes when "
+                         "the same command runs again")
     dl.add_argument("--no-checksum", action="store_true",
                     help="accept an archive that differs from its recorded checksum (its sha256 is printed); "
                          "for a copy you trust when the recorded value is not the publisher's")
@@ -59,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.dataset == "cifar10":
-            path = download.download_cifar10(args.root)
+            path = download.download_cifar10(args.root, checksum=not args.no_checksum)
         elif args.dataset == "places365":
             path = download.download_places365(args.root, fmt=args.format, checksum=not args.no_checksum)
         else:

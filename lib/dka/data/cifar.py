@@ -7,13 +7,14 @@ the paper's augmentation: random crop 32 with padding 4 and horizontal flip.
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 import numpy as np
 
 from dka.data.images import InMemoryImages, cached_decode
 
-__all__ = ["datasets", "load_split", "detect_format", "folder_samples", "how_to_get", "CLASSES", "MEAN", "STD",
+__all__ = ["datasets", "load_split", "read_batches", "detect_format", "folder_samples", "how_to_get", "CLASSES", "MEAN", "STD",
            "IMAGE_EXTENSIONS"]
 
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -55,6 +56,58 @@ def folder_samples(split_dir: Path) -> tuple[list[Path], np.ndarray, list[str]]:
     return paths, np.asarray(labels, np.int64), classes
 
 
+class _ArraysOnly(pickle.Unpickler):
+    """Unpickles dicts, lists, strings and numpy arrays only: a CIFAR batch needs nothing else, and a file
+    that asks for any other global is refused instead of run."""
+
+    _ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+                ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
+                ("numpy._core.multiarray", "scalar"), ("_codecs", "encode")}
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self._ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name}: a CIFAR-10 batch holds only arrays")
+        return super().find_class(module, name)
+
+
+def _load_batch(path: Path) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"CIFAR-10 batch {path} is missing; {how_to_get(path.parent.parent)}")
+    try:
+        with open(path, "rb") as f:
+            entry = _ArraysOnly(f, encoding="latin1").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as err:
+        raise FileNotFoundError(f"CIFAR-10 batch {path} is unreadable ({err}); {how_to_get(path.parent.parent)}") from err
+    if not isinstance(entry, dict):
+        raise FileNotFoundError(f"CIFAR-10 batch {path} holds a {type(entry).__name__}, not a batch dict")
+    return {k.decode() if isinstance(k, bytes) else k: v for k, v in entry.items()}
+
+
+def read_batches(folder: str | Path, split: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """(uint8 images (N, 32, 32, 3), labels, class names) from torchvision's `cifar-10-batches-py` folder.
+
+    Read directly (the documented pickled-batch format) rather than through torchvision's dataset, whose
+    md5 check accepts only the published files: `dka data download cifar10` verifies the archive instead,
+    and here every batch is checked for shape and label range.
+    """
+    folder = Path(folder)
+    names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
+    classes = [c.decode() if isinstance(c, bytes) else str(c) for c in _load_batch(folder / "batches.meta")["label_names"]]
+    images, labels = [], []
+    for name in names:
+        entry = _load_batch(folder / name)
+        data = np.asarray(entry.get("data"), np.uint8)
+        target = np.asarray(entry.get("labels", entry.get("fine_labels")), np.int64)
+        if data.ndim != 2 or data.shape[1] != 3072 or len(target) != len(data):
+            raise FileNotFoundError(f"CIFAR-10 batch {folder / name} has data {data.shape} and {len(target)} labels; "
+                                    f"expected (N, 3072) and N; {how_to_get(folder.parent)}")
+        if len(target) and not 0 <= target.min() <= target.max() < len(classes):
+            raise FileNotFoundError(f"CIFAR-10 batch {folder / name} has labels outside 0..{len(classes) - 1}")
+        images.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+        labels.append(target)
+    return np.ascontiguousarray(np.concatenate(images)), np.concatenate(labels), classes
+
+
 def load_split(root: str | Path, split: str,
                skip_corrupt: bool = False) -> tuple[np.ndarray, np.ndarray, list[str], list[str]]:
     """(uint8 images (N, 32, 32, 3), labels, class names, skipped files) of split 'train' or 'test'."""
@@ -63,14 +116,8 @@ def load_split(root: str | Path, split: str,
     root = Path(root).expanduser()
     fmt = detect_format(root)
     if fmt == "torchvision":
-        from dka._compat import torchvision
-
-        base = root.parent if root.name == "cifar-10-batches-py" else root
-        try:
-            ds = torchvision.datasets.CIFAR10(str(base), train=split == "train", download=False)
-        except RuntimeError as err:  # torchvision's integrity check failed
-            raise FileNotFoundError(f"CIFAR-10 at {base} is incomplete or corrupt ({err}); {how_to_get(base)}") from err
-        return np.asarray(ds.data, np.uint8), np.asarray(ds.targets, np.int64), list(ds.classes), []
+        base = root if root.name == "cifar-10-batches-py" else root / "cifar-10-batches-py"
+        return (*read_batches(base, split), [])  # batches hold arrays: nothing to skip
     paths, labels, classes = folder_samples(root / split)
     images, labels, skipped = cached_decode(root, f"cifar10-{split}", paths, labels, skip_corrupt=skip_corrupt)
     return images, labels, classes, skipped

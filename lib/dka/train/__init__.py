@@ -7,6 +7,7 @@
 - `routing`     never-routed bookkeeping and sparsity of Dynamic-K layers
 - `distributed` process group, reductions, BatchNorm pooled over ranks
 - `schedule`    learning-rate schedules
+- `cost`        what runs will cost (measured step time, GPU-hours, disk) and the refusal of a short disk
 """
 
 from dka.train.config import (LOSSES, OPTIMIZERS, PRESETS, SCHEDULES, TrainConfig, bf16_is_fast, build_parser,
