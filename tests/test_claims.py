@@ -39,5 +39,9 @@ def test_record_collect_and_table(tmp_path):
     path = claims.write_table(frame, tmp_path / "results", "Claims")
     text = path.read_text()
     assert "| A Dynamic-K head (K=5)" in text and "1 reproduced, 1 not reproduced, 0 inconclusive" in text
+    row = next(line for line in text.splitlines() if "About 99%" in line)
+    assert "(\\|w\\| < 1e-3)" in row  # escaped: the row keeps its number of cells
+    header = next(line for line in text.splitlines() if line.startswith("| statement"))
+    assert row.replace("\\|", "").count("|") == header.count("|")
     with pytest.raises(KeyError, match="unknown claim"):
         claims.record(out, "nope", Interval(0, 0, 0, 1), "x")
