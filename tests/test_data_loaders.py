@@ -72,7 +72,10 @@ def test_missing_roots_say_how_to_get_the_data(tmp_path):
     fake = tmp_path / "tv" / "cifar-10-batches-py"
     fake.mkdir(parents=True)
     (fake / "data_batch_1").write_bytes(b"junk")
-    with pytest.raises(FileNotFoundError, match="incomplete or corrupt"):
+    with pytest.raises(FileNotFoundError, match=r"batches.meta is missing; .*download cifar10"):
+        build_loaders("cifar10", tmp_path / "tv", 8)
+    (fake / "batches.meta").write_bytes(b"junk")
+    with pytest.raises(FileNotFoundError, match=r"batches.meta is unreadable"):
         build_loaders("cifar10", tmp_path / "tv", 8)
 
 

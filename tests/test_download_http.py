@@ -90,7 +90,8 @@ def test_cifar10_download_resumes_verifies_extracts_and_is_a_noop_after(tmp_path
     assert "cifar-10-python.tar.gz" in captured.err and "100%" in captured.err  # the progress bar
     assert captured.out.strip() == str(root)
     assert not part.exists() and not (root / "cifar-10-python.tar.gz").exists()  # archive removed after extraction
-    images, labels, classes = cifar.load_split(root, "train")
+    images, labels, classes, skipped = cifar.load_split(root, "train")
+    assert skipped == []  # pickled batches hold arrays: nothing to skip
     assert images.shape == (150, 32, 32, 3) and classes[0] == "airplane"
     requests = len(server.log)
     assert data_main(["download", "cifar10", "--root", str(root)]) == 0  # in place: nothing is requested

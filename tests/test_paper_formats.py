@@ -17,7 +17,8 @@ from dka.data.broden import BrodenDataset
 
 def test_torchvision_cifar10_batches_are_read_pixel_for_pixel(tmp_path):
     root = paper_formats.write_cifar10(tmp_path, per_batch=10, test=6)
-    images, labels, classes = cifar.load_split(root, "train")
+    images, labels, classes, skipped = cifar.load_split(root, "train")
+    assert skipped == []
     assert images.shape == (50, 32, 32, 3) and images.dtype == np.uint8 and classes == list(paper_formats.CIFAR_CLASSES)
     with open(root / "cifar-10-batches-py" / "data_batch_2", "rb") as f:
         row = pickle.load(f)["data"][3]  # the file's own bytes: R plane, G plane, B plane
