@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["PrunedHead", "prune_head"]
+__all__ = ["PrunedHead", "prune_head", "pruned_runs"]
 
 
 @dataclass
@@ -67,3 +67,22 @@ def prune_head(weight: np.ndarray, bias: np.ndarray, train_pooled: np.ndarray, t
             scheduler.step()
     final = (param_w * keep).detach().double().numpy()
     return PrunedHead(weight=final, bias=param_b.detach().double().numpy(), mask=keep.numpy(), k=k)
+
+
+def pruned_runs(final_paths, test_passes, train_loader, k: int, device: str = "cpu") -> list:
+    """Per seed, a dense run's head pruned to `k` weights per class (fitted on `train_loader`'s pooled features)
+    and scored on that seed's test pass: a list of `dka.evaluation.Collected`."""
+    from dka.checkpoint import load_checkpoint
+    from dka.evaluation import Collected, collect
+    from dka.models import load_model
+
+    scored = []
+    for path, test in zip(final_paths, test_passes, strict=True):
+        model = load_model(path, map_location=device)
+        config = load_checkpoint(path)["config"]
+        seen = collect(model, train_loader, device, amp=bool(config["amp"]), channels_last=bool(config["channels_last"]))
+        head = model.head
+        pruned = prune_head(head.weight.detach().cpu().numpy(), head.bias.detach().cpu().numpy(), seen.pooled,
+                            seen.labels, k=k, seed=int(config["seed"]))
+        scored.append(Collected(test.pooled, pruned.logits(test.pooled), test.labels))
+    return scored

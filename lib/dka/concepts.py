@@ -40,7 +40,7 @@ from dka.dissection import INTERPRETABLE_IOU, unit_labels
 
 __all__ = ["DEFAULT_SHARE", "AUTHORS_WEIGHT_THRESHOLD", "head_weight", "covering_units", "class_units",
            "class_concepts", "share_within", "read_class_concepts", "concept_recovery", "recovery_summary",
-           "composition_names", "true_concepts", "recovery_table", "graph_edges"]
+           "composition_names", "true_concepts", "recovery_table", "graph_edges", "composability_rows"]
 
 DEFAULT_SHARE = 0.8
 AUTHORS_WEIGHT_THRESHOLD = 1e-3
@@ -247,3 +247,19 @@ def graph_edges(model_or_weight, tally: pd.DataFrame, classes: Sequence[int], to
             rows.append({"class": int(c), "unit": int(u), "weight": float(w[c, u]), "concept": str(info["label"]),
                          "iou": iou, "true": right})
     return pd.DataFrame(rows, columns=["class", "unit", "weight", "concept", "iou", "true"])
+
+
+def composability_rows(per_class_by_rule: dict, max_concepts: int, truth: pd.DataFrame | None = None) -> list[dict]:
+    """One row per (rule, model): mean covering units and concepts, the share of classes within `max_concepts`,
+    and (with the true composition) recovery precision and recall."""
+    rows = []
+    for rule, per_model in per_class_by_rule.items():
+        for name, per_class in per_model.items():
+            row = {"model": name, "rule": rule, "mean covering units": per_class["n_units"].mean(),
+                   "mean concepts": per_class["n_concepts"].mean(),
+                   f"classes with <= {max_concepts} concepts (%)": 100 * share_within(per_class, max_concepts)}
+            if truth is not None:
+                recovery = recovery_summary(concept_recovery(per_class, truth))
+                row.update({"recovery precision": recovery["precision"], "recovery recall": recovery["recall"]})
+            rows.append(row)
+    return rows

@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader
 
 from dka.layers import routed_indices
 
-__all__ = ["Collected", "collect", "residuals", "RESIDUAL_DEFINITIONS", "routed_weight"]
+__all__ = ["Collected", "collect", "residuals", "residual_table", "RESIDUAL_DEFINITIONS", "routed_weight"]
 
 RESIDUAL_DEFINITIONS = ("paper", "authors_demo", "routed")
 
@@ -134,3 +134,23 @@ def residuals(collected: Collected, weight: np.ndarray, bias: np.ndarray | None,
         routed = 1.0 - np.sort(used, axis=1)[:, ::-1][:, :n].sum(1) / score
     clean = lambda v: np.where(np.isfinite(v), v, np.nan)  # noqa: E731
     return {"paper": clean(paper), "authors_demo": clean(demo), "routed": clean(routed)}
+
+
+def residual_table(models: dict, configs: dict, loader: DataLoader, device: str, n: int) -> tuple[dict, list[dict]]:
+    """Every model's residuals over `loader` (its true classes) after the top `n` units, by each definition:
+    ({model: {definition: (N,) residuals}}, rows of median with a bootstrap interval over images, mean, images)."""
+    from dka.stats import bootstrap_interval
+
+    per_image, rows = {}, []
+    for name, model in models.items():
+        config = configs[name]
+        collected = collect(model, loader, device, amp=bool(config["amp"]), channels_last=bool(config["channels_last"]))
+        head = model.head
+        bias = None if head.bias is None else head.bias.detach().cpu().numpy()
+        per_image[name] = residuals(collected, head.weight.detach().cpu().numpy(), bias, getattr(head, "k", None), n)
+        for definition, values in per_image[name].items():
+            iv = bootstrap_interval(values[np.isfinite(values)], np.median)
+            rows.append({"model": name, "definition": definition, "median (%)": 100 * iv.mean,
+                         "95% low": 100 * iv.low, "95% high": 100 * iv.high,
+                         "mean (%)": 100 * float(np.nanmean(values)), "images": int(np.isfinite(values).sum())})
+    return per_image, rows

@@ -57,7 +57,7 @@ from dka.dissection.rules import RULES, DissectionRules, get_rules
 from dka.dissection.tally import (FIELDS, IOU_EPS, TallyAccumulator, TallyCounts, compute_iou, reference_tally_loop,
                                tally_frame)
 from dka.dissection.tally_io import (INTERPRETABLE_IOU, read_tally, tally_categories, tally_columns, tally_summary,
-                                  tally_differences, unit_labels, write_tally)
+                                  tally_differences, unit_labels, write_tally, summary_row)
 from dka.dissection.thresholds import (QUANTILE, StreamingQuantileStats, quantile_thresholds_sorted,
                                     quantile_thresholds_streaming)
 
@@ -68,7 +68,7 @@ __all__ = [
     "RULES", "DissectionRules", "get_rules",
     "TallyAccumulator", "TallyCounts", "compute_iou", "tally_frame", "tally_columns", "reference_tally_loop",
     "LayerCapture", "FeatureStore",
-    "read_tally", "write_tally", "tally_categories", "tally_summary", "unit_labels", "tally_differences",
+    "read_tally", "write_tally", "tally_categories", "tally_summary", "summary_row", "unit_labels", "tally_differences",
 ]
 
 BRODEN_HINT = (

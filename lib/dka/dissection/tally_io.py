@@ -14,7 +14,7 @@ from dka.data.broden import DEFAULT_CATEGORIES
 from dka.dissection.tally import FIELDS
 
 __all__ = ["INTERPRETABLE_IOU", "write_tally", "read_tally", "tally_categories", "tally_columns", "tally_summary",
-           "unit_labels", "tally_differences"]
+           "unit_labels", "tally_differences", "summary_row"]
 
 INTERPRETABLE_IOU = 0.04
 
@@ -111,3 +111,13 @@ def tally_differences(before: pd.DataFrame, after: pd.DataFrame, iou_threshold: 
             key: (sa[key], sb[key]) for key in ("interpretable_units", "unique_concepts", "mean_score")
         },
     }
+
+
+def summary_row(name: str, tally: pd.DataFrame, iou_threshold: float = INTERPRETABLE_IOU, top_units: int = 100) -> dict:
+    """A dissection-summary table row: units, interpretable units (count and %), unique concepts, mean IoU of all
+    units and of the `top_units` best (the paper's Fig. 5(d) statistic; all units when there are fewer)."""
+    s = tally_summary(tally, iou_threshold)
+    top = tally["score"].nlargest(min(top_units, len(tally)))
+    return {"model": name, "units": s["units"], "interpretable units": s["interpretable_units"],
+            "interpretable (%)": 100 * s["interpretable_units"] / s["units"], "unique concepts": s["unique_concepts"],
+            "mean IoU": s["mean_score"], f"mean IoU, top {top_units} units": float(top.mean())}
