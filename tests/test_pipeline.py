@@ -31,6 +31,13 @@ NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 # What each notebook reads from its profile section (a missing key would fail only at run time).
 SECTION_KEYS = {section: set(keys) - profiles.OPTIONAL.get(section, set()) for section, keys in profiles.SECTIONS.items()}
 TRAINED = ("cifar", "places", "internal", "related")
+# dvc.yaml's profile lists: `profiles` run 01-05 and claims, `related_profiles` run 06
+LISTS = {name: value for entry in DVC["vars"] for name, value in entry.items()}
+MEMBERS = profiles.stage_profiles(ROOT)  # stage -> the profiles it runs at
+
+
+def _sections(profile: str) -> list[str]:
+    return [s for s in TRAINED if s in PARAMS[profile]]
 
 
 def _resolve(text: str, profile: str) -> str:
@@ -45,7 +52,10 @@ def test_default_profile_is_demo_and_profiles_are_complete():
     assert PARAMS["profile"] == "demo"
     assert {"smoke", "demo", "paper"} <= set(PROFILES)
     for profile in PROFILES:
+        assert set(PARAMS[profile]) == profiles.required_sections(ROOT, profile), profile
         for section, keys in SECTION_KEYS.items():
+            if section not in PARAMS[profile]:
+                continue
             missing = keys - set(PARAMS[profile][section])
             assert not missing, f"{profile}.{section} lacks {sorted(missing)}"
         runtime = PARAMS[profile]["runtime"]
@@ -54,9 +64,12 @@ def test_default_profile_is_demo_and_profiles_are_complete():
 
 def test_every_stage_runs_its_notebook_at_every_profile():
     assert sorted(STAGES) == sorted(nb.stem for nb in NOTEBOOKS)
-    assert DVC["vars"] == [{"profiles": PROFILES}], "dvc.yaml's profiles must be params.yaml's profile sections"
+    assert set(LISTS) == {"profiles", "related_profiles"}
+    assert sorted({p for names in LISTS.values() for p in names}) == sorted(PROFILES), \
+        "dvc.yaml's profile lists must hold exactly params.yaml's profile sections"
+    assert {"smoke", "paper", "paper-dryrun"} <= set(LISTS["profiles"]) & set(LISTS["related_profiles"])
     for name, stage in STAGES.items():
-        assert stage["foreach"] == "${profiles}", name
+        assert stage["foreach"] == ("${related_profiles}" if name == "06_related_methods" else "${profiles}"), name
         do = stage["do"]
         notebook = f"notebooks/{name}.ipynb"
         assert (ROOT / notebook).is_file()
@@ -83,7 +96,7 @@ def test_params_yaml_passes_its_own_check():
 def test_stage_params_exist_in_every_profile():
     for name, stage in STAGES.items():
         for key in _stage_params(stage):
-            for profile in PROFILES:
+            for profile in MEMBERS[name]:
                 node = PARAMS
                 for part in _resolve(key, profile).split("."):
                     assert isinstance(node, dict) and part in node, f"{name}: {_resolve(key, profile)} missing"
@@ -106,10 +119,11 @@ def test_downstream_stages_depend_on_the_outputs_they_read():
 
 
 def test_metrics_and_plots_are_declared_for_dvc():
-    assert DVC["metrics"] == [f"results/${{profile}}/{name}/metrics.json" for name in STAGES]
+    main = [name for name in STAGES if MEMBERS[name] == LISTS["profiles"]]  # `${profile}` is one of `profiles`
+    assert DVC["metrics"] == [f"results/${{profile}}/{name}/metrics.json" for name in main]
     for plot in DVC["plots"]:
         path = Path(plot if isinstance(plot, str) else next(iter(plot)))
-        assert path.parts[:2] == ("results", "${profile}") and path.parts[2] in STAGES and path.suffix == ".png"
+        assert path.parts[:2] == ("results", "${profile}") and path.parts[2] in main and path.suffix == ".png"
         source = (ROOT / "notebooks" / f"{path.parts[2]}.ipynb").read_text()
         assert path.name in source or path.name.startswith("fig6_graph_"), f"no notebook writes {path}"
 
@@ -118,7 +132,7 @@ def test_metrics_and_plots_are_declared_for_dvc():
 def test_models_fit_their_profile(profile):
     """Every model name parses, every K fits the width, every train recipe resolves."""
     p = PARAMS[profile]
-    for section in TRAINED:
+    for section in _sections(profile):
         cfg = p[section]
         assert cfg["dataset"] in data.DATASETS, f"{profile}.{section}.dataset"
         runs = experiments.run_specs(cfg)  # a models entry is a name or {run, model, <recipe changes>}
@@ -132,6 +146,8 @@ def test_models_fit_their_profile(profile):
                 assert resolved.save_checkpoint_epochs, f"{profile}: 03_dissect needs checkpoints of {run.name}"
             assert spec.name == run.model
         assert set(cfg.get("overrides", {})) <= {run.name for run in runs}
+    if "cifar" not in p:
+        return
     ks = [models.parse_name(run.model).head_k for run in experiments.run_specs(p["cifar"])]
     assert p["cifar"]["slider_default"] in ks, "the 01 slider default must be a trained K"
     ks = [models.parse_name(n).head_k for n in p["places"]["models"]]
@@ -139,7 +155,7 @@ def test_models_fit_their_profile(profile):
     assert any(models.parse_name(n).internal_k for n in p["internal"]["models"])
 
 
-@pytest.mark.parametrize("profile", PROFILES)
+@pytest.mark.parametrize("profile", LISTS["profiles"])
 def test_downstream_model_lists_come_from_02(profile):
     p = PARAMS[profile]
     trained = set(p["places"]["models"])
@@ -183,9 +199,11 @@ def test_dvc_resolves_the_templated_stages():
     out = subprocess.run([dvc, "stage", "list"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     names = [line.split()[0] for line in out.stdout.splitlines() if line.strip()]
-    assert names == [f"{stage}@{profile}" for stage in ALL_STAGES for profile in PROFILES]
+    assert names == [f"{stage}@{profile}" for stage in ALL_STAGES for profile in MEMBERS[stage]]
     for profile in PROFILES:  # what `make repro PROFILE=...` reproduces
-        assert pipeline.stage_names(ROOT, profile) == [f"{stage}@{profile}" for stage in ALL_STAGES]
+        assert pipeline.stage_names(ROOT, profile) == [f"{stage}@{profile}" for stage in ALL_STAGES
+                                                       if profile in MEMBERS[stage]]
+    assert "06_related_methods@demo" not in names and "06_related_methods@demo-related" in names
 
 
 def test_claims_stage_reads_every_notebook_that_records_claims():

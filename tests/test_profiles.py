@@ -157,6 +157,23 @@ def test_a_params_typo_stops_the_stage_before_its_results_are_touched(tmp_path):
     assert _snapshot(results) == before and sorted(p.name for p in results.parent.iterdir()) == ["01_cifar"]
 
 
+def test_a_stage_the_profile_does_not_run_is_refused_before_anything_moves(tmp_path):
+    """06 runs at `related_profiles` only: `python -m dka stage 06_related_methods --profile demo` must not
+    execute a notebook whose params section the demo does not have."""
+    root = _project(tmp_path)
+    shutil.copy(ROOT / "dvc.yaml", root / "dvc.yaml")
+    (root / "notebooks" / "06_related_methods.ipynb").write_text("{}")
+    before = _snapshot(root)
+
+    def never(argv, cwd):
+        raise AssertionError("the notebook ran at a profile without its stage")
+
+    with pytest.raises(ValueError, match=r"profile 'demo' has no stage '06_related_methods' in dvc\.yaml"):
+        pipeline.run_stage(root, "06_related_methods", "demo", execute=never)
+    assert _snapshot(root) == before
+    assert "06_related_methods@demo-related" in pipeline.stage_names(root, "demo-related")
+
+
 def test_profiles_module_lists_what_the_notebooks_read():
     import re
 
@@ -184,14 +201,20 @@ def test_runtime_takes_exactly_one_of_seed_and_seeds(tmp_path):
 
 def test_the_profile_list_lives_in_dvc_yaml_and_must_match_the_sections(tmp_path):
     shutil.copy(ROOT / "dvc.yaml", tmp_path / "dvc.yaml")
-    assert profiles.declared_profiles(tmp_path) == profiles.profile_names(yaml.safe_load(TEXT))
+    assert sorted(profiles.declared_profiles(tmp_path)) == sorted(profiles.profile_names(yaml.safe_load(TEXT)))
     path = _params(tmp_path, TEXT + "\npaper-copy:\n" + TEXT.split("\npaper:\n", 1)[1])
-    with pytest.raises(ParamsError, match=r"paper-copy: no stages in dvc\.yaml; add `- paper-copy`"):
+    with pytest.raises(ParamsError, match=r"paper-copy: no stages in dvc\.yaml; add `- paper-copy` to one of its "
+                                          r"`vars:` lists \(profiles, related_profiles\)"):
         check_params(path)
     dvc = (tmp_path / "dvc.yaml").read_text()
     (tmp_path / "dvc.yaml").write_text(dvc.replace("      - smoke\n", "      - smoke\n      - paper-copy\n", 1))
-    assert check_params(path)[0]["paper-copy"]["runtime"]["device"] == "cuda"  # one line added: valid
+    with pytest.raises(ParamsError, match=r"paper-copy\.related: no stage of this profile reads it; add "
+                                          r"`- paper-copy` to dvc\.yaml's `related_profiles` list"):
+        check_params(path)  # in `profiles` only: its `related` section would never run
+    (tmp_path / "dvc.yaml").write_text(dvc.replace("      - smoke\n", "      - smoke\n      - paper-copy\n"))
+    assert check_params(path)[0]["paper-copy"]["runtime"]["device"] == "cuda"  # in both lists: valid
     assert pipeline.stage_names(tmp_path, "paper-copy")[0] == "01_cifar@paper-copy"
+    assert "06_related_methods@paper-copy" in pipeline.stage_names(tmp_path, "paper-copy")
     (tmp_path / "dvc.yaml").write_text(dvc.replace("      - smoke\n", "      - smoke\n      - smok\n", 1))
     with pytest.raises(ParamsError, match="dvc.yaml lists profile 'smok' but .* has no `smok:` section"):
         check_params(_params(tmp_path, TEXT))

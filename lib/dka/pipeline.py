@@ -24,7 +24,7 @@ from typing import Callable, Sequence
 
 import yaml
 
-from dka.profiles import check_params, declared_profiles
+from dka.profiles import check_params, declared_profiles, profile_lists, stage_profiles
 
 __all__ = ["stage_names", "run_stage", "results_dir", "set_aside_dir", "failed_dir", "notebook_command",
            "NOTEBOOK_ENV"]
@@ -34,9 +34,9 @@ def stage_names(root: str | Path, profile: str) -> list[str]:
     """DVC's names of `profile`'s stages (`01_cifar@demo`, ...), in dvc.yaml's order."""
     root = Path(root)
     if profile not in declared_profiles(root):
-        raise ValueError(f"dvc.yaml defines no stage for profile {profile!r}: add it to `vars: - profiles:` there")
-    stages = yaml.safe_load((root / "dvc.yaml").read_text()).get("stages", {})
-    return [f"{name}@{profile}" for name, stage in stages.items() if stage.get("foreach") == "${profiles}"]
+        raise ValueError(f"dvc.yaml defines no stage for profile {profile!r}: add it to one of its `vars:` lists "
+                         f"({', '.join(profile_lists(root))})")
+    return [f"{name}@{profile}" for name, members in stage_profiles(root).items() if profile in members]
 
 
 def results_dir(root: str | Path, stage: str, profile: str) -> Path:
@@ -87,6 +87,10 @@ def run_stage(root: str | Path, stage: str, profile: str,
         _put_back(results, previous)
         print(f"restored {results} from {previous.name}, set aside by a run that was killed", flush=True)
     check_params(root / "params.yaml", profile)  # a typo stops here, before the results are touched
+    if (root / "dvc.yaml").is_file() and f"{stage}@{profile}" not in stage_names(root, profile):
+        raise ValueError(f"profile {profile!r} has no stage {stage!r} in dvc.yaml (its stages: "
+                         f"{', '.join(stage_names(root, profile))}); add the profile to the `vars:` list the "
+                         "stage's `foreach` names")
     if results.exists():
         results.rename(previous)
     results.mkdir(parents=True)

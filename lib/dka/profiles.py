@@ -27,7 +27,8 @@ from dka.data.loaders import RECOMMENDED_STEMS
 from dka.train import TrainConfig
 from dka.train.config import type_problem
 
-__all__ = ["ParamsError", "check_params", "load_params", "profile_names", "declared_profiles", "SECTIONS", "OPTIONAL",
+__all__ = ["ParamsError", "check_params", "load_params", "profile_names", "declared_profiles", "profile_lists",
+           "stage_profiles", "required_sections", "SECTIONS", "OPTIONAL",
            "RUNTIME_FIELDS"]
 
 # TrainConfig fields a profile sets outside `train:` (the section's dataset and root, the runtime).
@@ -179,13 +180,55 @@ def profile_names(params: dict) -> list[str]:
     return [k for k, v in params.items() if isinstance(v, dict)]
 
 
+def _dvc(root: str | Path) -> dict:
+    path = Path(root) / "dvc.yaml"
+    return (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
+
+
+def profile_lists(root: str | Path) -> dict[str, list[str]]:
+    """dvc.yaml's `vars:` profile lists by name: `profiles` (notebooks 01-05 and the claims table) and
+    `related_profiles` (06, sized on its own: three seeds of seven methods would double the demo's time)."""
+    lists = {}
+    for entry in _dvc(root).get("vars", []):
+        if isinstance(entry, dict):
+            lists.update({k: [str(p) for p in v] for k, v in entry.items() if isinstance(v, list)})
+    return lists
+
+
+def stage_profiles(root: str | Path) -> dict[str, list[str]]:
+    """Each dvc.yaml stage's profiles (the list its `foreach: ${...}` names)."""
+    lists = profile_lists(root)
+    out = {}
+    for name, stage in (_dvc(root).get("stages") or {}).items():
+        ref = str(stage.get("foreach", ""))
+        if ref.startswith("${") and ref.endswith("}"):
+            out[name] = lists.get(ref[2:-1], [])
+    return out
+
+
 def declared_profiles(root: str | Path) -> list[str]:
-    """The profiles dvc.yaml defines stages for: its `vars: - profiles:` list, the one list of profiles."""
-    dvc = yaml.safe_load((Path(root) / "dvc.yaml").read_text()) or {}
-    for entry in dvc.get("vars", []):
-        if isinstance(entry, dict) and isinstance(entry.get("profiles"), list):
-            return [str(p) for p in entry["profiles"]]
-    return []
+    """The profiles dvc.yaml defines stages for: every profile of its `vars:` lists, in order."""
+    return list(dict.fromkeys(p for names in profile_lists(root).values() for p in names))
+
+
+def required_sections(root: str | Path, profile: str) -> set[str] | None:
+    """The params sections `profile`'s stages read (`${item}.<section>` in their params); None without dvc.yaml."""
+    if not (Path(root) / "dvc.yaml").is_file():
+        return None
+    stages, members = _dvc(root).get("stages") or {}, stage_profiles(root)
+    return {str(param).split(".")[1] for name, stage in stages.items() if profile in members.get(name, [])
+            for param in stage.get("do", {}).get("params", []) if str(param).startswith("${item}.")}
+
+
+def _reading_list(root: str | Path, section: str) -> str:
+    """The `vars:` list whose stages read `section` (where a profile is added to run them)."""
+    stages, lists = _dvc(root).get("stages") or {}, profile_lists(root)
+    for stage in stages.values():
+        if any(str(p).startswith(f"${{item}}.{section}") for p in stage.get("do", {}).get("params", [])):
+            ref = str(stage.get("foreach", ""))[2:-1]
+            if ref in lists:
+                return ref
+    return "profiles"
 
 
 def _declared_problems(path: Path, profiles: list[str]) -> list[str]:
@@ -193,8 +236,8 @@ def _declared_problems(path: Path, profiles: list[str]) -> list[str]:
     if not (path.parent / "dvc.yaml").is_file():
         return []
     declared = declared_profiles(path.parent)
-    problems = [f"{name}: no stages in dvc.yaml; add `- {name}` to its `vars: - profiles:` list"
-                for name in profiles if name not in declared]
+    problems = [f"{name}: no stages in dvc.yaml; add `- {name}` to one of its `vars:` lists "
+                f"({', '.join(profile_lists(path.parent))})" for name in profiles if name not in declared]
     problems += [f"dvc.yaml lists profile {name!r} but {path} has no `{name}:` section; add the section or "
                  "remove the line" for name in declared if name not in profiles]
     return problems
@@ -281,14 +324,23 @@ def _check_trained(path: str, section: dict, problems: list[str]) -> dict[str, T
     return recipes
 
 
-def _check_profile(profile: str, p: dict, problems: list[str]) -> None:
+def _check_profile(profile: str, p: dict, problems: list[str], root: Path | None = None) -> None:
+    """One profile's sections: those its stages read are required, no others allowed (without a dvc.yaml
+    beside params.yaml: `runtime` and the sections the profile has)."""
+    required = required_sections(root, profile) if root is not None else None
     for key in p:
         if key not in SECTIONS:
             problems.append(_unknown(profile, key, SECTIONS))
     for section, schema in SECTIONS.items():
         path = f"{profile}.{section}"
-        if section not in p:
+        if required is not None and section not in required:
+            if section in p:
+                problems.append(f"{path}: no stage of this profile reads it; add `- {profile}` to dvc.yaml's "
+                                f"`{_reading_list(root, section)}` list, or remove the section")
+            continue
+        if section not in p and (required is not None or section == "runtime"):
             problems.append(f"{path}: missing (notebooks read {', '.join(schema)})")
+        if section not in p:
             continue
         values = p[section]
         if not isinstance(values, dict):
@@ -366,8 +418,9 @@ def check_params(path: str | Path = "params.yaml", profile: str | None = None) -
     if not isinstance(default, str) or default not in profiles:
         problems.append(f"profile: {default!r} is not a profile section; choose one of {', '.join(profiles)}")
     problems += _declared_problems(Path(path), profiles)
+    declared = declared_profiles(Path(path).parent)
     for name in profiles:
-        _check_profile(name, params[name], problems)
+        _check_profile(name, params[name], problems, Path(path).parent if name in declared else None)
     selected = default if profile is None else profile
     if profile is not None and profile not in profiles:
         problems.append(f"no profile {profile!r} in {path}; profiles: {', '.join(profiles)}")

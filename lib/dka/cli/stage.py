@@ -24,6 +24,6 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return run_stage(project_root(), args.stage, args.profile)
-    except (ParamsError, FileNotFoundError) as err:
+    except (ParamsError, FileNotFoundError, ValueError) as err:
         print(f"python -m dka stage: {err}", file=sys.stderr)
         return 2
