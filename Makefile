@@ -48,7 +48,7 @@ test-paper-dryrun: setup
 	OMP_NUM_THREADS=1 $(PY) tests/paper_dryrun.py
 
 # `make repro` = `dvc repro` of one profile's stages: the `profile:` of params.yaml, or PROFILE=<name> (any
-# profile listed in dvc.yaml's `vars: - profiles:`). `python -m dka params` first checks every profile of
+# profile of dvc.yaml's `vars:` lists; 06 runs at `related_profiles`, e.g. PROFILE=demo-related). `python -m dka params` first checks every profile of
 # params.yaml (exit 2 lists each problem; run it alone to check an edit) and prints that profile's stage
 # names (`01_cifar@demo` ...; dvc.yaml defines one stage per notebook and profile), so nothing runs on a
 # typo and params.yaml is never edited. Stage commands run python and papermill from the venv, hence PATH.

@@ -1,8 +1,9 @@
 """The DVC pipeline's stages: their names per profile, and running one without risking committed results.
 
-dvc.yaml lists every profile of params.yaml (`vars: profiles`), so each notebook has one stage per
-profile (`01_cifar@smoke`, `01_cifar@demo`, ...) with its own dvc.lock record; a profile is run by naming
-its stages (`stage_names`, what `make repro PROFILE=...` does), and params.yaml is never edited.
+dvc.yaml lists every profile of params.yaml in its `vars:` lists (`profiles` run 01-05 and the claims table,
+`related_profiles` run 06), so each notebook has one stage per profile of its list (`01_cifar@smoke`,
+`01_cifar@demo`, ...) with its own dvc.lock record; a profile is run by naming its stages (`stage_names`,
+what `make repro PROFILE=...` does), and params.yaml is never edited.
 
 DVC deletes a stage's outputs before running it. For `results/<profile>/<stage>/`, committed to git with
 `cache: false`, a failing stage then left nothing behind. dvc.yaml therefore marks them `persist: true`
@@ -21,8 +22,6 @@ import subprocess
 import sys
 from pathlib import Path
 from typing import Callable, Sequence
-
-import yaml
 
 from dka.profiles import check_params, declared_profiles, profile_lists, stage_profiles
 
