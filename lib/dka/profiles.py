@@ -180,64 +180,80 @@ def profile_names(params: dict) -> list[str]:
     return [k for k, v in params.items() if isinstance(v, dict)]
 
 
-def _dvc(root: str | Path) -> dict:
-    path = Path(root) / "dvc.yaml"
-    return (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
+@dataclasses.dataclass(frozen=True)
+class _Layout:
+    """What dvc.yaml says about profiles, read once: its `vars:` lists, each stage's profiles and sections."""
+
+    lists: dict[str, list[str]]     # `profiles` (01-05 and claims), `related_profiles` (06)
+    members: dict[str, list[str]]   # stage -> the profiles of the list its `foreach: ${...}` names
+    reads: dict[str, set[str]]      # stage -> the params sections it tracks (`${item}.<section>...`)
+    list_of: dict[str, str]         # stage -> the name of its list
+
+    @classmethod
+    def read(cls, root: str | Path) -> "_Layout | None":
+        path = Path(root) / "dvc.yaml"
+        if not path.is_file():
+            return None
+        dvc = yaml.safe_load(path.read_text()) or {}
+        lists = {}
+        for entry in dvc.get("vars", []):
+            if isinstance(entry, dict):
+                lists.update({k: [str(v) for v in names] for k, names in entry.items() if isinstance(names, list)})
+        members, reads, list_of = {}, {}, {}
+        for name, stage in (dvc.get("stages") or {}).items():
+            ref = str(stage.get("foreach", ""))
+            if ref.startswith("${") and ref.endswith("}"):
+                list_of[name] = ref[2:-1]
+                members[name] = lists.get(ref[2:-1], [])
+                reads[name] = {str(param).split(".")[1] for param in stage.get("do", {}).get("params", [])
+                               if str(param).startswith("${item}.")}
+        return cls(lists, members, reads, list_of)
+
+    def declared(self) -> list[str]:
+        """Every profile of the `vars:` lists, in order."""
+        return list(dict.fromkeys(p for names in self.lists.values() for p in names))
+
+    def sections(self, profile: str) -> set[str]:
+        return {s for stage, names in self.members.items() if profile in names for s in self.reads[stage]}
+
+    def reading_list(self, section: str) -> str:
+        """The `vars:` list whose stages read `section` (where a profile is added to run them)."""
+        return next((self.list_of[stage] for stage, read in self.reads.items()
+                     if section in read and self.list_of[stage] in self.lists), "profiles")
 
 
 def profile_lists(root: str | Path) -> dict[str, list[str]]:
     """dvc.yaml's `vars:` profile lists by name: `profiles` (notebooks 01-05 and the claims table) and
     `related_profiles` (06, sized on its own: three seeds of seven methods would double the demo's time)."""
-    lists = {}
-    for entry in _dvc(root).get("vars", []):
-        if isinstance(entry, dict):
-            lists.update({k: [str(p) for p in v] for k, v in entry.items() if isinstance(v, list)})
-    return lists
+    layout = _Layout.read(root)
+    return layout.lists if layout else {}
 
 
 def stage_profiles(root: str | Path) -> dict[str, list[str]]:
     """Each dvc.yaml stage's profiles (the list its `foreach: ${...}` names)."""
-    lists = profile_lists(root)
-    out = {}
-    for name, stage in (_dvc(root).get("stages") or {}).items():
-        ref = str(stage.get("foreach", ""))
-        if ref.startswith("${") and ref.endswith("}"):
-            out[name] = lists.get(ref[2:-1], [])
-    return out
+    layout = _Layout.read(root)
+    return layout.members if layout else {}
 
 
 def declared_profiles(root: str | Path) -> list[str]:
     """The profiles dvc.yaml defines stages for: every profile of its `vars:` lists, in order."""
-    return list(dict.fromkeys(p for names in profile_lists(root).values() for p in names))
+    layout = _Layout.read(root)
+    return layout.declared() if layout else []
 
 
 def required_sections(root: str | Path, profile: str) -> set[str] | None:
     """The params sections `profile`'s stages read (`${item}.<section>` in their params); None without dvc.yaml."""
-    if not (Path(root) / "dvc.yaml").is_file():
-        return None
-    stages, members = _dvc(root).get("stages") or {}, stage_profiles(root)
-    return {str(param).split(".")[1] for name, stage in stages.items() if profile in members.get(name, [])
-            for param in stage.get("do", {}).get("params", []) if str(param).startswith("${item}.")}
+    layout = _Layout.read(root)
+    return layout.sections(profile) if layout else None
 
 
-def _reading_list(root: str | Path, section: str) -> str:
-    """The `vars:` list whose stages read `section` (where a profile is added to run them)."""
-    stages, lists = _dvc(root).get("stages") or {}, profile_lists(root)
-    for stage in stages.values():
-        if any(str(p).startswith(f"${{item}}.{section}") for p in stage.get("do", {}).get("params", [])):
-            ref = str(stage.get("foreach", ""))[2:-1]
-            if ref in lists:
-                return ref
-    return "profiles"
-
-
-def _declared_problems(path: Path, profiles: list[str]) -> list[str]:
+def _declared_problems(path: Path, profiles: list[str], layout: _Layout | None) -> list[str]:
     """A profile section without stages in dvc.yaml (or the reverse) would be silently never run."""
-    if not (path.parent / "dvc.yaml").is_file():
+    if layout is None:
         return []
-    declared = declared_profiles(path.parent)
+    declared = layout.declared()
     problems = [f"{name}: no stages in dvc.yaml; add `- {name}` to one of its `vars:` lists "
-                f"({', '.join(profile_lists(path.parent))})" for name in profiles if name not in declared]
+                f"({', '.join(layout.lists)})" for name in profiles if name not in declared]
     problems += [f"dvc.yaml lists profile {name!r} but {path} has no `{name}:` section; add the section or "
                  "remove the line" for name in declared if name not in profiles]
     return problems
@@ -324,10 +340,10 @@ def _check_trained(path: str, section: dict, problems: list[str]) -> dict[str, T
     return recipes
 
 
-def _check_profile(profile: str, p: dict, problems: list[str], root: Path | None = None) -> None:
+def _check_profile(profile: str, p: dict, problems: list[str], layout: _Layout | None = None) -> None:
     """One profile's sections: those its stages read are required, no others allowed (without a dvc.yaml
-    beside params.yaml: `runtime` and the sections the profile has)."""
-    required = required_sections(root, profile) if root is not None else None
+    beside params.yaml, or for a profile it does not list: `runtime` and the sections the profile has)."""
+    required = layout.sections(profile) if layout is not None else None
     for key in p:
         if key not in SECTIONS:
             problems.append(_unknown(profile, key, SECTIONS))
@@ -336,7 +352,7 @@ def _check_profile(profile: str, p: dict, problems: list[str], root: Path | None
         if required is not None and section not in required:
             if section in p:
                 problems.append(f"{path}: no stage of this profile reads it; add `- {profile}` to dvc.yaml's "
-                                f"`{_reading_list(root, section)}` list, or remove the section")
+                                f"`{layout.reading_list(section)}` list, or remove the section")
             continue
         if section not in p and (required is not None or section == "runtime"):
             problems.append(f"{path}: missing (notebooks read {', '.join(schema)})")
@@ -417,10 +433,11 @@ def check_params(path: str | Path = "params.yaml", profile: str | None = None) -
     default = params.get("profile")
     if not isinstance(default, str) or default not in profiles:
         problems.append(f"profile: {default!r} is not a profile section; choose one of {', '.join(profiles)}")
-    problems += _declared_problems(Path(path), profiles)
-    declared = declared_profiles(Path(path).parent)
+    layout = _Layout.read(Path(path).parent)
+    problems += _declared_problems(Path(path), profiles, layout)
+    declared = layout.declared() if layout else []
     for name in profiles:
-        _check_profile(name, params[name], problems, Path(path).parent if name in declared else None)
+        _check_profile(name, params[name], problems, layout if name in declared else None)
     selected = default if profile is None else profile
     if profile is not None and profile not in profiles:
         problems.append(f"no profile {profile!r} in {path}; profiles: {', '.join(profiles)}")
